@@ -1,0 +1,31 @@
+"""scl-lightning: Sparse Connectivity Learning for PyTorch Lightning.
+
+Networks whose connections are pruned automatically while they learn: each weight becomes
+``w * H(m)`` with a trainable mask variable ``m``, trained through a straight-through estimator
+on ``task loss + lambda * (number of active connections)`` (Tang et al., arXiv 2201.05020).
+"""
+
+from scl_lightning import callbacks
+from scl_lightning.module import SCLModule
+from scl_lightning.nn import (
+    connection_count,
+    export_pruned,
+    global_sparsity,
+    layer_sparsity,
+    masked_modules,
+    sparsify,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SCLModule",
+    "__version__",
+    "callbacks",
+    "connection_count",
+    "export_pruned",
+    "global_sparsity",
+    "layer_sparsity",
+    "masked_modules",
+    "sparsify",
+]

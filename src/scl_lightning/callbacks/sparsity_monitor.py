@@ -1,0 +1,153 @@
+"""SparsityMonitor: layerwise sparsity and dense/effective FLOPs, to any logger."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from scl_lightning.flops import FlopCounts, count_flops, example_from_batch, maskable_connectivity
+
+__all__ = ["SparsityMonitor"]
+
+
+class SparsityMonitor(Callback):
+    """Log global and layerwise sparsity, and dense and effective FLOPs, during training.
+
+    Logged every ``log_every_n_steps`` optimizer steps and at each training epoch end, through
+    ``pl_module.log`` so every logger receives them:
+
+    * ``sparsity/global`` (also in the progress bar) and ``sparsity/<layer>`` for each layer;
+    * ``flops/dense`` and ``flops/effective`` (one sample's forward pass; one multiply-add counts
+      as one FLOP, as fvcore counts), ``flops/ratio`` (effective / dense), and
+      ``flops/effective/<layer>`` with ``log_layers``.
+
+    Dense FLOPs are traced with fvcore once, on the first training batch (or ``example_input``,
+    or the module's ``example_input_array``), never per step; effective FLOPs scale each masked
+    layer's dense count by its active fraction. Layers that are not masked count as fully active,
+    so the monitor also works on dense baselines. Works with any LightningModule.
+
+    Args:
+        log_every_n_steps: logging interval in optimizer steps, ``>= 1``.
+        log_layers: also log one scalar per layer.
+        flops: trace and log FLOPs.
+        example_input: one input sample batch (batch size 1) for tracing.
+
+    Raises:
+        ValueError: for a non-positive ``log_every_n_steps``.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(callbacks=[SparsityMonitor(log_every_n_steps=10)], logger=False)
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int = 50,
+        log_layers: bool = True,
+        flops: bool = True,
+        example_input: Tensor | None = None,
+    ) -> None:
+        if (
+            isinstance(log_every_n_steps, bool)
+            or not isinstance(log_every_n_steps, int)
+            or log_every_n_steps < 1
+        ):
+            raise ValueError(f"log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}")
+        self.log_every_n_steps = log_every_n_steps
+        self.log_layers = log_layers
+        self.flops = flops
+        self.example_input = example_input
+        self.flop_counts: FlopCounts | None = None
+        self._flops_failed = False
+        self._last_logged_step = -1
+
+    # -- statistics ------------------------------------------------------------------------
+
+    def compute(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """The metrics this callback logs, for the module's current masks."""
+        conn = maskable_connectivity(pl_module)
+        if not conn:
+            return {}
+        active = sum(a for a, _ in conn.values())
+        total = sum(t for _, t in conn.values())
+        metrics: dict[str, float] = {"sparsity/global": 1.0 - active / total}
+        if self.log_layers:
+            metrics.update({f"sparsity/{n}": 1.0 - a / t for n, (a, t) in conn.items()})
+        if self.flop_counts is not None:
+            fraction = {n: a / t for n, (a, t) in conn.items()}
+            eff_total, eff_layers = self.flop_counts.effective(fraction)
+            metrics["flops/dense"] = float(self.flop_counts.total)
+            metrics["flops/effective"] = float(eff_total)
+            metrics["flops/ratio"] = eff_total / max(self.flop_counts.total, 1)
+            if self.log_layers:
+                metrics.update({f"flops/effective/{n}": f for n, f in eff_layers.items()})
+        return metrics
+
+    def _trace(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        if not self.flops or self.flop_counts is not None or self._flops_failed:
+            return
+        example = self.example_input
+        if example is None and isinstance(pl_module.example_input_array, Tensor):
+            example = pl_module.example_input_array
+        if example is None:
+            example = example_from_batch(batch)
+        if example is None:
+            self._flops_failed = True
+            rank_zero_warn("SparsityMonitor: cannot find an input tensor in the batch to trace "
+                           "FLOPs; pass `example_input`. Logging sparsity only.")
+            return
+        try:
+            self.flop_counts = count_flops(pl_module, example.to(pl_module.device))
+        except Exception as err:  # tracing other people's modules can fail in many ways
+            self._flops_failed = True
+            rank_zero_warn(f"SparsityMonitor: FLOPs tracing failed ({type(err).__name__}: {err}); "
+                           "logging sparsity only. Pass `example_input` or set `flops=False`.")
+
+    def _log(self, pl_module: pl.LightningModule, **kwargs: Any) -> None:
+        metrics = self.compute(pl_module)
+        glob = metrics.pop("sparsity/global", None)
+        if glob is not None:
+            pl_module.log("sparsity/global", glob, prog_bar=True, **kwargs)
+        if metrics:
+            pl_module.log_dict(metrics, **kwargs)
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._trace(pl_module, batch)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        if step % self.log_every_n_steps == 0 and step != self._last_logged_step:
+            self._last_logged_step = step
+            self._log(pl_module, on_step=True, on_epoch=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(pl_module, on_step=False, on_epoch=True)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_logged_step": self._last_logged_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_logged_step = int(state_dict.get("last_logged_step", -1))

@@ -1,0 +1,74 @@
+"""Per-feature normalization of mask gradients (the functional core of the callback).
+
+Raw mask gradients are badly unbalanced across features and layers: some output units receive
+gradients orders of magnitude larger than others, so one mask learning rate either freezes most
+masks or throws the rest around. Normalizing each feature's mask gradient gives every feature the
+same step size. A *feature* is one output unit: a row of a Linear weight, an output channel of a
+convolution weight (dimension 0 of the weight).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["NORMALIZERS", "NormMode", "normalize_per_feature", "validate_norm_mode"]
+
+NormMode = Literal["rms", "l2", "max", "none"]
+NORMALIZERS: tuple[str, ...] = ("rms", "l2", "max", "none")
+
+
+def validate_norm_mode(mode: str) -> str:
+    if mode not in NORMALIZERS:
+        raise ValueError(
+            f"unknown normalization mode {mode!r}; choose one of: {', '.join(NORMALIZERS)}"
+        )
+    return mode
+
+
+def normalize_per_feature(
+    grad: Tensor, mode: str = "rms", eps: float = 1e-12, *, inplace: bool = False
+) -> Tensor:
+    """Divide each feature's slice of ``grad`` (``grad[f]``) by its scale plus ``eps``.
+
+    Scales: ``rms`` = sqrt(mean(g_f ** 2)), ``l2`` = ||g_f||_2, ``max`` = max |g_f|; ``none``
+    returns ``grad`` unchanged. A feature whose gradient is all zero stays zero.
+
+    Args:
+        grad: a mask gradient of shape ``(out_features, ...)``.
+        mode: one of ``NORMALIZERS``.
+        eps: added to the scale to avoid division by zero.
+        inplace: overwrite ``grad`` instead of allocating a new tensor.
+
+    Raises:
+        ValueError: for an unknown ``mode``.
+
+    Example::
+
+        >>> import torch
+        >>> normalize_per_feature(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), "l2")
+        tensor([[0.6000, 0.8000],
+                [0.0000, 0.0000]])
+    """
+    validate_norm_mode(mode)
+    if mode == "none":
+        return grad
+    g = grad.reshape(grad.shape[0], -1)
+    # Scale and division in at least float32, cast once at the end: in half precision eps would
+    # round to 0 (an all-zero feature would become 0/0 = NaN), and float64 must keep its precision.
+    gw = g.to(torch.promote_types(g.dtype, torch.float32))
+    if mode == "rms":
+        scale = gw.pow(2).mean(dim=1, keepdim=True).sqrt()
+    elif mode == "l2":
+        scale = gw.norm(dim=1, keepdim=True)
+    else:
+        scale = gw.abs().amax(dim=1, keepdim=True)
+    scale = scale.add_(eps)
+    if inplace:
+        g.div_(scale)  # g is a view of grad for contiguous grads; computed in scale's dtype
+        if g.data_ptr() != grad.data_ptr():
+            grad.copy_(g.view_as(grad))
+        return grad
+    return (g / scale).to(grad.dtype).view_as(grad)

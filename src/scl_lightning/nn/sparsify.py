@@ -1,0 +1,189 @@
+"""Turn any ``nn.Module`` into an SCL network and back: sparsify, masked_modules, export_pruned."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from scl_lightning.nn.masked import (
+    MaskedConv1d,
+    MaskedConv2d,
+    MaskedConv3d,
+    MaskedLayer,
+    MaskedLinear,
+    validate_mask_init,
+)
+from scl_lightning.nn.ste import STE, get_ste, step
+
+__all__ = [
+    "MASKED_CLASSES",
+    "export_pruned",
+    "maskable_modules",
+    "masked_modules",
+    "sparsify",
+]
+
+M = TypeVar("M", bound=nn.Module)
+
+#: Dense layer class -> masked class. Only these exact classes are converted: a subclass may
+#: override ``forward`` (e.g. ``nn.MultiheadAttention``'s ``out_proj`` never calls it), so masking
+#: it could silently have no effect.
+MASKED_CLASSES: dict[type[nn.Module], type[MaskedLayer]] = {
+    nn.Linear: MaskedLinear,
+    nn.Conv1d: MaskedConv1d,
+    nn.Conv2d: MaskedConv2d,
+    nn.Conv3d: MaskedConv3d,
+}
+
+
+def _normalize_patterns(exclude: str | Iterable[str]) -> tuple[str, ...]:
+    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    for p in patterns:
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"exclude patterns must be non-empty strings, got {p!r}")
+    return patterns
+
+
+def _excluded(name: str, patterns: tuple[str, ...]) -> str | None:
+    # A pattern naming a container also excludes everything inside it.
+    for p in patterns:
+        if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*"):
+            return p
+    return None
+
+
+def maskable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` for every layer :func:`sparsify` would mask, masked or not."""
+    for name, module in model.named_modules():
+        if isinstance(module, MaskedLayer) or type(module) in MASKED_CLASSES:
+            yield name, module
+
+
+def masked_modules(model: nn.Module) -> Iterator[tuple[str, MaskedLayer]]:
+    """``(qualified name, masked layer)`` for every masked layer of ``model``, in module order.
+
+    Example::
+
+        >>> net = sparsify(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+        >>> [name for name, _ in masked_modules(net)]
+        ['0', '2']
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, MaskedLayer):
+            yield name, module
+
+
+def sparsify(
+    model: M,
+    *,
+    exclude: str | Iterable[str] = (),
+    mask_init: float = 1.0,
+    ste: str | STE = "identity",
+    ste_kwargs: Mapping[str, Any] | None = None,
+) -> M:
+    """Give every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model`` a trainable mask, in place.
+
+    Layers are converted in place (their class changes to the masked one and a ``mask``
+    parameter is added), so weights, biases, dtype, device, hooks and references held elsewhere
+    are all kept. Biases and every other layer type (normalization, embeddings, transposed
+    convolutions, subclasses of the above) are never masked. Calling it again masks only layers
+    that are still dense.
+
+    Args:
+        model: any ``nn.Module``, including one written elsewhere with pretrained weights loaded.
+        exclude: ``fnmatch`` patterns of qualified module names to leave dense; a pattern that
+            names a container excludes everything inside it (``"classifier"``, ``"layer4.*"``).
+        mask_init: initial value of every mask variable (> 0: all connections start on).
+        ste: straight-through estimator name (see :func:`~scl_lightning.nn.ste.available_stes`)
+            or instance.
+        ste_kwargs: hyper-parameters of a named estimator, e.g. ``{"alpha": 0.1}``.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module``.
+        ValueError: if nothing is left to mask, or for a bad ``mask_init``, ``ste`` or pattern.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+        >>> net = sparsify(net, exclude=["2"])
+        >>> [type(m).__name__ for m in net]
+        ['MaskedConv2d', 'Flatten', 'Linear']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
+    patterns = _normalize_patterns(exclude)
+    mask_init = validate_mask_init(mask_init)
+    estimator = get_ste(ste, **dict(ste_kwargs or {}))
+
+    matched: set[str] = set()
+    to_convert: list[nn.Module] = []
+    already_masked = 0
+    for name, module in maskable_modules(model):
+        if isinstance(module, MaskedLayer):
+            already_masked += 1
+            continue
+        hit = _excluded(name, patterns)
+        if hit is not None:
+            matched.add(hit)
+            continue
+        to_convert.append(module)
+
+    unmatched = [p for p in patterns if p not in matched]
+    if unmatched:
+        warnings.warn(
+            f"sparsify: exclude pattern(s) {unmatched} matched no maskable layer of "
+            f"{type(model).__name__}; check the names with `model.named_modules()`",
+            stacklevel=2,
+        )
+    if not to_convert and not already_masked:
+        detail = f" after excluding {list(patterns)}" if patterns else ""
+        raise ValueError(
+            f"sparsify: {type(model).__name__} has no nn.Linear or nn.Conv1d/2d/3d layer to "
+            f"mask{detail}; SCL needs at least one (check the model or the exclude patterns)"
+        )
+    for module in to_convert:
+        MASKED_CLASSES[type(module)].from_dense(module, mask_init=mask_init, ste=estimator)
+    return model
+
+
+@torch.no_grad()
+def export_pruned(model: M) -> M:
+    """A copy of ``model`` made of plain torch layers with ``w * H(m)`` baked into the weights.
+
+    The copy's ``state_dict`` loads with ``strict=True`` into the original, never-masked
+    architecture and gives the same outputs as the masked model. ``model`` is not modified.
+
+    Raises:
+        ValueError: if ``model`` has no masked layer.
+
+    Example::
+
+        >>> net = sparsify(nn.Sequential(nn.Linear(4, 2)))
+        >>> with torch.no_grad():
+        ...     net[0].mask[0, 0] = -1.0
+        >>> plain = export_pruned(net)
+        >>> type(plain[0]).__name__, plain[0].weight[0, 0].item() == 0.0, "0.mask" in plain.state_dict()
+        ('Linear', True, False)
+    """
+    if not any(True for _ in masked_modules(model)):
+        raise ValueError(
+            f"export_pruned: {type(model).__name__} has no masked layer; call "
+            "scl_lightning.sparsify(model) (and train it) first"
+        )
+    pruned = copy.deepcopy(model)
+    for _, module in list(masked_modules(pruned)):
+        module.weight.mul_(step(module.mask))
+        dense_cls = module.dense_cls
+        del module.mask  # removes the registered parameter
+        del module.ste
+        module.__class__ = dense_cls
+    return pruned

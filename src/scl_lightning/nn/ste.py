@@ -1,0 +1,267 @@
+"""Straight-through estimators (STEs) for the unit step ``H(m) = 1[m > 0]``.
+
+The forward pass of every estimator is the exact unit step. The backward pass replaces its
+derivative (zero almost everywhere) by a *proxy gradient* ``proxy(m)``. SCL's principle is that the
+proxy must be positive everywhere so that every mask variable keeps receiving gradient, can cross
+zero in both directions, and converges. ``hardtanh`` breaks that principle on purpose (its proxy is
+zero for ``|m| > 1``) and exists for the ablation that shows why it matters.
+
+Two autograd functions use the estimators:
+
+* :func:`heaviside` gives ``H(m)`` with ``dH/dm := proxy(m)``; it is what
+  :func:`~scl_lightning.nn.stats.connection_count` sums.
+* :func:`masked_weight` gives ``w * H(m)`` fused: gradients ``dL/dw = g * H(m)`` and
+  ``dL/dm = (g * w) * proxy(m)``. It saves only ``w`` and ``m`` (parameters, already resident), so
+  a masked layer costs no activation memory beyond what the dense layer costs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "STE",
+    "HardtanhSTE",
+    "IdentitySTE",
+    "LeakyReLUSTE",
+    "SoftplusSTE",
+    "available_stes",
+    "get_ste",
+    "heaviside",
+    "masked_weight",
+    "register_ste",
+    "step",
+]
+
+
+def step(m: Tensor) -> Tensor:
+    """The unit step ``H(m) = 1[m > 0]`` in the dtype of ``m`` (no gradient)."""
+    return (m > 0).to(m.dtype)
+
+
+class STE:
+    """Base class of straight-through estimators: subclasses define :meth:`proxy`.
+
+    An estimator is a small, picklable, stateless object: it holds only its hyper-parameters.
+    ``proxy(m)`` returns the surrogate for ``dH/dm`` with the shape and dtype of ``m``.
+    """
+
+    name: str = ""
+
+    def proxy(self, m: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def hparams(self) -> dict[str, float]:
+        """The estimator's hyper-parameters, as accepted by :func:`get_ste`."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.hparams().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.hparams() == other.hparams()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(self.hparams().items()))))
+
+
+class IdentitySTE(STE):
+    """Proxy gradient 1 everywhere (the default, and the paper's simplest positive proxy).
+
+    Example::
+
+        >>> IdentitySTE().proxy(torch.tensor([-2.0, 0.5]))
+        tensor([1., 1.])
+    """
+
+    name = "identity"
+
+    def proxy(self, m: Tensor) -> Tensor:
+        return torch.ones_like(m)
+
+
+class LeakyReLUSTE(STE):
+    """Proxy gradient 1 for ``m > 0`` and ``alpha`` otherwise (positive for ``alpha > 0``).
+
+    Args:
+        alpha: the proxy slope of pruned connections, in ``(0, 1]``.
+
+    Raises:
+        ValueError: if ``alpha`` is not in ``(0, 1]``.
+
+    Example::
+
+        >>> LeakyReLUSTE(alpha=0.1).proxy(torch.tensor([-2.0, 0.5]))
+        tensor([0.1000, 1.0000])
+    """
+
+    name = "leaky_relu"
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        if not 0.0 < float(alpha) <= 1.0:
+            raise ValueError(f"leaky_relu STE: alpha must be in (0, 1], got {alpha!r}")
+        self.alpha = float(alpha)
+
+    def proxy(self, m: Tensor) -> Tensor:
+        return torch.where(m > 0, torch.ones_like(m), torch.full_like(m, self.alpha))
+
+    def hparams(self) -> dict[str, float]:
+        return {"alpha": self.alpha}
+
+
+class SoftplusSTE(STE):
+    """Proxy gradient ``sigmoid(beta * m)``: the derivative of ``softplus(beta * m) / beta``.
+
+    Args:
+        beta: sharpness, ``> 0``; larger values approach the unit step's own (zero) gradient.
+
+    Raises:
+        ValueError: if ``beta`` is not positive.
+
+    Example::
+
+        >>> SoftplusSTE(beta=1.0).proxy(torch.tensor([0.0]))
+        tensor([0.5000])
+    """
+
+    name = "softplus"
+
+    def __init__(self, beta: float = 1.0) -> None:
+        if not float(beta) > 0.0:
+            raise ValueError(f"softplus STE: beta must be > 0, got {beta!r}")
+        self.beta = float(beta)
+
+    def proxy(self, m: Tensor) -> Tensor:
+        return torch.sigmoid(self.beta * m)
+
+    def hparams(self) -> dict[str, float]:
+        return {"beta": self.beta}
+
+
+class HardtanhSTE(STE):
+    """Proxy gradient 1 for ``|m| <= 1`` and 0 elsewhere.
+
+    This proxy is **not** positive everywhere: masks that leave ``[-1, 1]`` freeze for good. It
+    exists for the ablation that shows why SCL requires a positive proxy.
+
+    Example::
+
+        >>> HardtanhSTE().proxy(torch.tensor([-2.0, 0.5, 1.0]))
+        tensor([0., 1., 1.])
+    """
+
+    name = "hardtanh"
+
+    def proxy(self, m: Tensor) -> Tensor:
+        return (m.abs() <= 1).to(m.dtype)
+
+
+_REGISTRY: dict[str, type[STE]] = {}
+
+
+def register_ste(cls: type[STE]) -> type[STE]:
+    """Register an :class:`STE` subclass under its ``name`` so :func:`get_ste` finds it."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute `name`")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"an STE named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+for _cls in (IdentitySTE, LeakyReLUSTE, SoftplusSTE, HardtanhSTE):
+    register_ste(_cls)
+
+
+def available_stes() -> list[str]:
+    """Names accepted by :func:`get_ste`."""
+    return sorted(_REGISTRY)
+
+
+def get_ste(ste: str | STE, **kwargs: Any) -> STE:
+    """Return an estimator from its name (with its hyper-parameters) or pass one through.
+
+    Raises:
+        ValueError: for an unknown name or a bad hyper-parameter.
+
+    Example::
+
+        >>> get_ste("leaky_relu", alpha=0.2)
+        LeakyReLUSTE(alpha=0.2)
+    """
+    if isinstance(ste, STE):
+        if kwargs:
+            raise ValueError("get_ste: pass hyper-parameters only together with an STE name")
+        return ste
+    if not isinstance(ste, str) or ste not in _REGISTRY:
+        raise ValueError(
+            f"unknown STE {ste!r}; choose one of: {', '.join(available_stes())}"
+        )
+    try:
+        return _REGISTRY[ste](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad hyper-parameters {kwargs} for STE {ste!r}: {err}") from None
+
+
+class _Heaviside(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, m: Tensor, ste: STE) -> Tensor:
+        ctx.save_for_backward(m)
+        ctx.ste = ste
+        return step(m)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        (m,) = ctx.saved_tensors
+        return grad * ctx.ste.proxy(m), None
+
+
+class _MaskedWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, m: Tensor, ste: STE) -> Tensor:
+        ctx.save_for_backward(w, m)
+        ctx.ste = ste
+        return w * step(m)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        w, m = ctx.saved_tensors
+        grad_w = grad_m = None
+        if ctx.needs_input_grad[0]:
+            grad_w = grad * step(m)
+        if ctx.needs_input_grad[1]:
+            grad_m = grad * w * ctx.ste.proxy(m)
+        return grad_w, grad_m, None
+
+
+def heaviside(m: Tensor, ste: STE | None = None) -> Tensor:
+    """``H(m)`` in the forward pass, ``grad * ste.proxy(m)`` in the backward pass.
+
+    Example::
+
+        >>> m = torch.tensor([-1.0, 2.0], requires_grad=True)
+        >>> heaviside(m).sum().backward()
+        >>> m.grad
+        tensor([1., 1.])
+    """
+    return _Heaviside.apply(m, ste if ste is not None else _IDENTITY)
+
+
+def masked_weight(w: Tensor, m: Tensor, ste: STE | None = None) -> Tensor:
+    """The effective weight ``w * H(m)``, differentiable in ``w`` and (through ``ste``) in ``m``.
+
+    Example::
+
+        >>> w = torch.tensor([3.0, 4.0], requires_grad=True)
+        >>> m = torch.tensor([-1.0, 2.0], requires_grad=True)
+        >>> masked_weight(w, m)
+        tensor([0., 4.], grad_fn=<_MaskedWeightBackward>)
+    """
+    return _MaskedWeight.apply(w, m, ste if ste is not None else _IDENTITY)
+
+
+_IDENTITY = IdentitySTE()
