@@ -31,11 +31,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(config: Path, seed: int, workdir: Path, extra: list[str]) -> dict:
     out = workdir / f"{config.stem}-{seed}-{len(list(workdir.iterdir()))}"
-    logger = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
-               "init_args": {"save_dir": str(out), "name": "run"}}]
-    args = ["fit", "--config", str(config), "--seed_everything", str(seed),
-            f"--trainer.logger={json.dumps(logger)}", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", *extra]
+    logger = [
+        {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(out), "name": "run"},
+        }
+    ]
+    args = [
+        "fit",
+        "--config",
+        str(config),
+        "--seed_everything",
+        str(seed),
+        f"--trainer.logger={json.dumps(logger)}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *extra,
+    ]
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         main(args)
@@ -57,34 +69,54 @@ def main_bench() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         recipe = yaml.safe_load(scl_cfg.read_text())
-        callbacks = [c for c in recipe["trainer"]["callbacks"]
-                     if not c["class_path"].endswith("MaskGradientNormalization")]
+        callbacks = [
+            c
+            for c in recipe["trainer"]["callbacks"]
+            if not c["class_path"].endswith("MaskGradientNormalization")
+        ]
         no_norm = ["--trainer.callbacks=" + json.dumps(callbacks)]
         mask_lr = float(recipe["model"]["mask_lr"])
-        variants = {"scl": (scl_cfg, []), "scl_no_norm": (scl_cfg, no_norm),
-                    "no_norm_lr1e4": (scl_cfg, [*no_norm, f"--model.mask_lr={mask_lr * 1e4}"]),
-                    "dense": (dense_cfg, [])}
+        variants = {
+            "scl": (scl_cfg, []),
+            "scl_no_norm": (scl_cfg, no_norm),
+            "no_norm_lr1e4": (scl_cfg, [*no_norm, f"--model.mask_lr={mask_lr * 1e4}"]),
+            "dense": (dense_cfg, []),
+        }
         results: dict[str, list[dict]] = {k: [] for k in variants}
         for seed in opts.seeds:
             for name, (cfg, extra) in variants.items():
                 s = run(cfg, seed, workdir, extra)
                 results[name].append(s)
-                print(f"{name:<14} seed {seed}: val_acc {s['val_acc']:.4f}  sparsity "
-                      f"{s['sparsity']:.4f}  train {s['train_time_s']:.1f}s", file=sys.stderr)
+                print(
+                    f"{name:<14} seed {seed}: val_acc {s['val_acc']:.4f}  sparsity "
+                    f"{s['sparsity']:.4f}  train {s['train_time_s']:.1f}s",
+                    file=sys.stderr,
+                )
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
 
     dense_acc = med("dense", "val_acc")
-    print(f"\n{'variant':<14} {'median val_acc':>15} {'gap to dense (pt)':>18} "
-          f"{'median sparsity':>16} {'median train s':>15}")
+    print(
+        f"\n{'variant':<14} {'median val_acc':>15} {'gap to dense (pt)':>18} "
+        f"{'median sparsity':>16} {'median train s':>15}"
+    )
     for name in variants:
-        print(f"{name:<14} {med(name, 'val_acc'):>15.4f} "
-              f"{100 * (med(name, 'val_acc') - dense_acc):>18.2f} "
-              f"{med(name, 'sparsity'):>16.4f} {med(name, 'train_time_s'):>15.1f}")
+        print(
+            f"{name:<14} {med(name, 'val_acc'):>15.4f} "
+            f"{100 * (med(name, 'val_acc') - dense_acc):>18.2f} "
+            f"{med(name, 'sparsity'):>16.4f} {med(name, 'train_time_s'):>15.1f}"
+        )
     if opts.out:
-        opts.out.write_text(json.dumps({k: [{kk: vv for kk, vv in r.items() if kk != "layers"}
-                                            for r in v] for k, v in results.items()}, indent=1))
+        opts.out.write_text(
+            json.dumps(
+                {
+                    k: [{kk: vv for kk, vv in r.items() if kk != "layers"} for r in v]
+                    for k, v in results.items()
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

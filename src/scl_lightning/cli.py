@@ -32,8 +32,9 @@ class SCLCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)
-        if self.subcommand == "fit" and not any(isinstance(c, RunSummary) for c in trainer.callbacks):
-            trainer.callbacks.append(RunSummary())
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        if self.subcommand == "fit" and not any(isinstance(c, RunSummary) for c in callbacks):
+            callbacks.append(RunSummary())
         return trainer
 
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ def dense_view(model: nn.Module) -> Iterator[nn.Module]:
         for module in model.modules():
             if isinstance(module, MaskedLayer):
                 swapped.append((module, type(module)))
-                module.__class__ = module.dense_cls
+                module.__class__ = module.dense_cls  # type: ignore[assignment]
         yield model
     finally:
         for module, cls in swapped:
@@ -113,12 +113,13 @@ def maskable_connectivity(model: nn.Module) -> dict[str, tuple[int, int]]:
     """
     names, totals, counts = [], [], []
     for name, module in maskable_modules(model):
+        numel = cast(Tensor, module.weight).numel()
         names.append(name)
-        totals.append(module.weight.numel())  # type: ignore[union-attr]
+        totals.append(numel)
         if isinstance(module, MaskedLayer):
             counts.append((module.mask > 0).sum())
         else:
-            counts.append(torch.tensor(module.weight.numel()))  # type: ignore[union-attr]
+            counts.append(torch.tensor(numel))
     if not names:
         return {}
     device = counts[0].device

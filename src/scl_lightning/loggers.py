@@ -23,7 +23,9 @@ def wandb_credentials_available() -> bool:
     except (OSError, netrc.NetrcParseError):
         return False
     host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
-    return auth.authenticators(host) is not None
+    entry = auth.authenticators(host)
+    # the API key is the password; an entry without one is not a login wandb can use
+    return entry is not None and bool(entry[2])
 
 
 class WandbLogger(_LightningWandbLogger):

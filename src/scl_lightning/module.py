@@ -129,6 +129,13 @@ class SCLModule(pl.LightningModule):
                 backbone, exclude=exclude, mask_init=mask_init, ste=ste, ste_kwargs=ste_kwargs
             )
         self.model = backbone
+        self._masks = mask_parameters(backbone)
+        self.lam = float(lam)
+        self.penalty = penalty
+        self.mask_lr = float(mask_lr)
+        self.warmup_epochs = warmup_epochs
+        self.freeze_masks_epoch = freeze_masks_epoch
+        self.constant_lr = constant_lr
         self.task_loss = task_loss if task_loss is not None else nn.CrossEntropyLoss()
         self._optimizer_factory = optimizer
         self._scheduler_factory = lr_scheduler
@@ -140,20 +147,22 @@ class SCLModule(pl.LightningModule):
             # average="micro": the usual top-k accuracy (torchmetrics defaults to per-class macro)
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
             if num_classes >= 5:
-                setattr(self, f"{stage}_acc_top5",
-                        MulticlassAccuracy(num_classes, top_k=5, average="micro"))
+                setattr(
+                    self,
+                    f"{stage}_acc_top5",
+                    MulticlassAccuracy(num_classes, top_k=5, average="micro"),
+                )
 
     @property
     def masks(self) -> list[nn.Parameter]:
         """The backbone's mask variables (empty for a dense run)."""
-        return mask_parameters(self.model)
+        return self._masks
 
     @property
     def masks_learning(self) -> bool:
         """Whether masks are trained in the current epoch (phases and ``sparsify``)."""
-        hp = self.hparams
         return bool(self.masks) and masks_trainable(
-            self.current_epoch, hp.warmup_epochs, hp.freeze_masks_epoch
+            self.current_epoch, self.warmup_epochs, self.freeze_masks_epoch
         )
 
     @override
@@ -162,7 +171,7 @@ class SCLModule(pl.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
-        callbacks = self.trainer.callbacks
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
         self._log_sparsity = not any(isinstance(c, SparsityMonitor) for c in callbacks)
         if self.masks and not any(isinstance(c, MaskGradientNormalization) for c in callbacks):
             rank_zero_warn(
@@ -171,52 +180,65 @@ class SCLModule(pl.LightningModule):
                 "`scl_lightning.callbacks.MaskGradientNormalization()` to the Trainer's callbacks."
             )
 
-    def _shared_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor]:
+    def _shared_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, int]:
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = self.task_loss(logits, y)
         getattr(self, f"{stage}_acc")(logits, y)
         bs = y.shape[0]
-        self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), prog_bar=stage != "train",
-                 on_step=False, on_epoch=True, batch_size=bs)
+        self.log(
+            f"{stage}/acc",
+            getattr(self, f"{stage}_acc"),
+            prog_bar=stage != "train",
+            on_step=False,
+            on_epoch=True,
+            batch_size=bs,
+        )
         if hasattr(self, f"{stage}_acc_top5"):
             getattr(self, f"{stage}_acc_top5")(logits, y)
-            self.log(f"{stage}/acc_top5", getattr(self, f"{stage}_acc_top5"),
-                     on_step=False, on_epoch=True, batch_size=bs)
-        return logits, loss, torch.tensor(bs)
+            self.log(
+                f"{stage}/acc_top5",
+                getattr(self, f"{stage}_acc_top5"),
+                on_step=False,
+                on_epoch=True,
+                batch_size=bs,
+            )
+        return logits, loss, bs
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        _, task_loss, bs = self._shared_step(batch, "train")
+        _, task_loss, n = self._shared_step(batch, "train")
         loss = task_loss
-        if self.masks:
-            hp = self.hparams
-            if self.masks_learning and hp.lam > 0:
-                count = connection_count(self.model, density=hp.penalty == "density")
-                loss = task_loss + hp.lam * count
-                active = count.detach() * (self.total_connections if hp.penalty == "density" else 1)
-            else:
-                active = connection_count(self.model).detach()
-        else:
+        if not self.masks:
             active = torch.tensor(float(self.total_connections))
-        n = int(bs)
+        elif self.masks_learning and self.lam > 0:
+            density = self.penalty == "density"
+            count = connection_count(self.model, density=density)
+            loss = task_loss + self.lam * count
+            active = count.detach() * (self.total_connections if density else 1)
+        else:
+            active = connection_count(self.model).detach()
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/task_loss", task_loss, batch_size=n)
         self.log("train/connections", active, batch_size=n)
         if self._log_sparsity:
-            self.log("sparsity/global", 1.0 - active / self.total_connections, prog_bar=True,
-                     batch_size=n)
+            self.log(
+                "sparsity/global",
+                1.0 - active / self.total_connections,
+                prog_bar=True,
+                batch_size=n,
+            )
         return loss
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         _, loss, bs = self._shared_step(batch, "val")
-        self.log("val/loss", loss, prog_bar=True, batch_size=int(bs))
+        self.log("val/loss", loss, prog_bar=True, batch_size=bs)
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         _, loss, bs = self._shared_step(batch, "test")
-        self.log("test/loss", loss, batch_size=int(bs))
+        self.log("test/loss", loss, batch_size=bs)
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -232,20 +254,25 @@ class SCLModule(pl.LightningModule):
         weights = [p for p in self.parameters() if p.requires_grad and id(p) not in mask_ids]
         groups: list[dict[str, Any]] = [{"params": weights}]
         if masks:
-            groups.append({"params": masks, "lr": self.hparams.mask_lr, "weight_decay": 0.0,
-                           MASK_GROUP_KEY: True})
+            groups.append(
+                {
+                    "params": masks,
+                    "lr": self.mask_lr,
+                    "weight_decay": 0.0,
+                    MASK_GROUP_KEY: True,
+                }
+            )
         if self._optimizer_factory is not None:
             optimizer = self._optimizer_factory(groups)
         else:
             optimizer = torch.optim.SGD(groups, lr=0.05, momentum=0.9, weight_decay=5e-4)
         if masks:  # an optimizer factory may not keep per-group keys it does not know
-            optimizer.param_groups[-1].update(lr=self.hparams.mask_lr, weight_decay=0.0)
+            optimizer.param_groups[-1].update(lr=self.mask_lr, weight_decay=0.0)
         if self._scheduler_factory is not None:
             scheduler = self._scheduler_factory(optimizer)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
-        if self.hparams.constant_lr:
+        if self.constant_lr:
             return optimizer
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}

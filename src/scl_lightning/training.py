@@ -36,7 +36,9 @@ def validate_phases(warmup_epochs: int, freeze_masks_epoch: int | None) -> None:
         raise ValueError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
     if freeze_masks_epoch is not None:
         if isinstance(freeze_masks_epoch, bool) or not isinstance(freeze_masks_epoch, int):
-            raise ValueError(f"freeze_masks_epoch must be an integer or None, got {freeze_masks_epoch!r}")
+            raise ValueError(
+                f"freeze_masks_epoch must be an integer or None, got {freeze_masks_epoch!r}"
+            )
         if freeze_masks_epoch <= warmup_epochs:
             raise ValueError(
                 f"freeze_masks_epoch ({freeze_masks_epoch}) must be greater than warmup_epochs "
@@ -44,7 +46,9 @@ def validate_phases(warmup_epochs: int, freeze_masks_epoch: int | None) -> None:
             )
 
 
-def masks_trainable(epoch: int, warmup_epochs: int = 0, freeze_masks_epoch: int | None = None) -> bool:
+def masks_trainable(
+    epoch: int, warmup_epochs: int = 0, freeze_masks_epoch: int | None = None
+) -> bool:
     """Whether masks learn in ``epoch``: after the dense warm-up, before the fine-tune phase."""
     return epoch >= warmup_epochs and (freeze_masks_epoch is None or epoch < freeze_masks_epoch)
 

@@ -6,7 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -38,19 +38,34 @@ def format_summary(summary: dict[str, Any]) -> str:
             return f"{v:,}"
         return str(v)
 
-    keys = ["val_acc", "val_loss", "sparsity", "active_connections", "total_connections",
-            "dense_flops", "effective_flops", "epochs", "train_time_s", "seed"]
+    keys = [
+        "val_acc",
+        "val_loss",
+        "sparsity",
+        "active_connections",
+        "total_connections",
+        "dense_flops",
+        "effective_flops",
+        "epochs",
+        "train_time_s",
+        "seed",
+    ]
     width = max(len(k) for k in keys)
     lines = ["SCL run summary", "-" * 40]
     lines += [f"{k:<{width}}  {fmt(summary.get(k))}" for k in keys if k in summary]
     layers = summary.get("layers") or []
     if layers:
         name_w = max(5, *(len(layer["name"]) for layer in layers))
-        lines += ["", f"{'layer':<{name_w}}  {'shape':<18} {'active':>10} {'total':>10} {'sparsity':>9}"]
+        lines += [
+            "",
+            f"{'layer':<{name_w}}  {'shape':<18} {'active':>10} {'total':>10} {'sparsity':>9}",
+        ]
         for layer in layers:
             shape = "x".join(str(s) for s in layer["shape"])
-            lines.append(f"{layer['name']:<{name_w}}  {shape:<18} {layer['active']:>10,} "
-                         f"{layer['total']:>10,} {layer['sparsity']:>9.4f}")
+            lines.append(
+                f"{layer['name']:<{name_w}}  {shape:<18} {layer['active']:>10,} "
+                f"{layer['total']:>10,} {layer['sparsity']:>9.4f}"
+            )
     return "\n".join(lines)
 
 
@@ -78,7 +93,11 @@ class RunSummary(Callback):
     """
 
     def __init__(self, filename: str = "summary.json", print_table: bool = True) -> None:
-        if not filename.endswith(".json") or Path(filename).name != filename:
+        if (
+            not isinstance(filename, str)
+            or not filename.endswith(".json")
+            or Path(filename).name != filename
+        ):
             raise ValueError(f"filename must be a bare file name ending in .json, got {filename!r}")
         self.filename = filename
         self.print_table = print_table
@@ -136,9 +155,14 @@ class RunSummary(Callback):
             global_step=trainer.global_step,
             train_time_s=round(time.perf_counter() - self._start, 2) if self._start else None,
             layers=[
-                {"name": n, "shape": list(pl_module.get_submodule(n).weight.shape),
-                 "active": a, "total": t, "sparsity": 1.0 - a / t,
-                 "dense_flops": layer_flops.get(n)}
+                {
+                    "name": n,
+                    "shape": list(cast(Tensor, pl_module.get_submodule(n).weight).shape),
+                    "active": a,
+                    "total": t,
+                    "sparsity": 1.0 - a / t,
+                    "dense_flops": layer_flops.get(n),
+                }
                 for n, (a, t) in conn.items()
             ],
         )

@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from scl_lightning.callbacks.mask_grad_norm import MaskGradientNormalization
 from scl_lightning.callbacks.sparsity_monitor import SparsityMonitor
+from scl_lightning.nn.masked import MaskedLayer, validate_mask_init
 from scl_lightning.nn.sparsify import masked_modules, sparsify
 from scl_lightning.nn.ste import get_ste
 from scl_lightning.training import (
@@ -95,14 +96,21 @@ class SparseConnectivityLearning(Callback):
         validate_phases(warmup_epochs, freeze_masks_epoch)
         self.penalty = penalty
         self.ste = get_ste(ste, **(ste_kwargs or {}))
-        self.mask_init = mask_init
-        self.exclude = tuple(exclude)
+        self.mask_init = validate_mask_init(mask_init)
+        # one pattern may be given as a plain string (as to `sparsify`): not its characters
+        self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+        for pattern in self.exclude:
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"exclude patterns must be non-empty strings, got {pattern!r}")
+        if target is not None and (not isinstance(target, str) or not target):
+            raise ValueError(f"target must be an attribute name or None, got {target!r}")
         self.warmup_epochs = warmup_epochs
         self.freeze_masks_epoch = freeze_masks_epoch
         self.target = target
         self.normalization = MaskGradientNormalization(normalize)
         self.monitor = SparsityMonitor(log_every_n_steps=log_every_n_steps, flops=flops)
         self._masks: list[nn.Parameter] = []
+        self._layers: list[MaskedLayer] = []
 
     def _network(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.target is None:
@@ -120,26 +128,39 @@ class SparseConnectivityLearning(Callback):
         net = self._network(pl_module)
         if not any(True for _ in masked_modules(net)):
             sparsify(net, exclude=self.exclude, mask_init=self.mask_init, ste=self.ste)
+        self._layers = [layer for _, layer in masked_modules(net)]
         self._masks = mask_parameters(net)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mask_ids = {id(m) for m in self._masks}
-        optimizers = trainer.optimizers
+        # Lightning stands in an optimizer with no parameter groups when
+        # configure_optimizers returns None
+        optimizers = [o for o in trainer.optimizers if o.param_groups]
         if not optimizers:
-            raise ValueError("SparseConnectivityLearning needs the module to configure an optimizer")
+            raise ValueError(
+                "SparseConnectivityLearning needs the module to configure an optimizer"
+            )
         owner = next(
-            (o for o in optimizers
-             if any(id(p) in mask_ids for g in o.param_groups for p in g["params"])),
+            (
+                o
+                for o in optimizers
+                if any(id(p) in mask_ids for g in o.param_groups for p in g["params"])
+            ),
             None,
         )
         if owner is None:
             owner = optimizers[0]
-            rank_zero_info("SparseConnectivityLearning: the module's optimizer does not hold the "
-                           "masks; adding them to its first optimizer.")
+            rank_zero_info(
+                "SparseConnectivityLearning: the module's optimizer does not hold the "
+                "masks; adding them to its first optimizer."
+            )
         if not any(g.get(MASK_GROUP_KEY) for g in owner.param_groups):
-            schedulers = [c.scheduler for c in trainer.lr_scheduler_configs
-                          if getattr(c.scheduler, "optimizer", None) is owner]
+            schedulers = [
+                c.scheduler
+                for c in trainer.lr_scheduler_configs
+                if getattr(c.scheduler, "optimizer", None) is owner
+            ]
             attach_mask_group(owner, self._masks, self.mask_lr, schedulers)
         self.normalization.on_fit_start(trainer, pl_module)
 
@@ -157,8 +178,11 @@ class SparseConnectivityLearning(Callback):
             scale = self.lam
             if self.penalty == "density":
                 scale /= sum(m.numel() for m in self._masks)
-            for layer_mask in self._masks:
-                penalty = self.ste.proxy(layer_mask).mul_(scale)
+            for layer in self._layers:
+                # the layer's own estimator, as in its forward pass: a network sparsified
+                # before this callback keeps the estimator it was given
+                layer_mask = layer.mask
+                penalty = layer.ste.proxy(layer_mask).mul_(scale)
                 if layer_mask.grad is None:
                     layer_mask.grad = penalty
                 else:
@@ -173,7 +197,11 @@ class SparseConnectivityLearning(Callback):
 
     @override
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
     ) -> None:
         self.monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -59,7 +58,9 @@ class SparsityMonitor(Callback):
             or not isinstance(log_every_n_steps, int)
             or log_every_n_steps < 1
         ):
-            raise ValueError(f"log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}")
+            raise ValueError(
+                f"log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}"
+            )
         self.log_every_n_steps = log_every_n_steps
         self.log_layers = log_layers
         self.flops = flops
@@ -100,15 +101,19 @@ class SparsityMonitor(Callback):
             example = example_from_batch(batch)
         if example is None:
             self._flops_failed = True
-            rank_zero_warn("SparsityMonitor: cannot find an input tensor in the batch to trace "
-                           "FLOPs; pass `example_input`. Logging sparsity only.")
+            rank_zero_warn(
+                "SparsityMonitor: cannot find an input tensor in the batch to trace "
+                "FLOPs; pass `example_input`. Logging sparsity only."
+            )
             return
         try:
             self.flop_counts = count_flops(pl_module, example.to(pl_module.device))
         except Exception as err:  # tracing other people's modules can fail in many ways
             self._flops_failed = True
-            rank_zero_warn(f"SparsityMonitor: FLOPs tracing failed ({type(err).__name__}: {err}); "
-                           "logging sparsity only. Pass `example_input` or set `flops=False`.")
+            rank_zero_warn(
+                f"SparsityMonitor: FLOPs tracing failed ({type(err).__name__}: {err}); "
+                "logging sparsity only. Pass `example_input` or set `flops=False`."
+            )
 
     def _log(self, pl_module: pl.LightningModule, **kwargs: Any) -> None:
         metrics = self.compute(pl_module)

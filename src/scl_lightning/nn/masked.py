@@ -9,7 +9,7 @@ computation with the effective weight swapped in.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +80,8 @@ class MaskedLayer:
                 f"{cls.__name__}.from_dense expects exactly {cls.dense_cls.__name__}, "
                 f"got {type(module).__name__}"
             )
-        module.__class__ = cls
-        module._init_mask(mask_init, ste)  # type: ignore[attr-defined]
+        module.__class__ = cls  # type: ignore[assignment]
+        cast(MaskedLayer, module)._init_mask(mask_init, ste)
         return module
 
     def extra_repr(self) -> str:

@@ -63,7 +63,7 @@ class STE:
         return f"{type(self).__name__}({args})"
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.hparams() == other.hparams()  # type: ignore[attr-defined]
+        return type(self) is type(other) and self.hparams() == other.hparams()
 
     def __hash__(self) -> int:
         return hash((type(self), tuple(sorted(self.hparams().items()))))
@@ -198,9 +198,7 @@ def get_ste(ste: str | STE, **kwargs: Any) -> STE:
             raise ValueError("get_ste: pass hyper-parameters only together with an STE name")
         return ste
     if not isinstance(ste, str) or ste not in _REGISTRY:
-        raise ValueError(
-            f"unknown STE {ste!r}; choose one of: {', '.join(available_stes())}"
-        )
+        raise ValueError(f"unknown STE {ste!r}; choose one of: {', '.join(available_stes())}")
     try:
         return _REGISTRY[ste](**kwargs)
     except TypeError as err:

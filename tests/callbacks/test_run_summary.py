@@ -1,0 +1,212 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from scl_lightning import sparsify
+from scl_lightning.callbacks import RunSummary
+
+REQUIRED = {
+    "val_acc",
+    "sparsity",
+    "active_connections",
+    "total_connections",
+    "dense_flops",
+    "effective_flops",
+    "seed",
+}
+
+
+class TinyClassifier(LightningModule):
+    """Plain (non-SCL) module logging val/acc and val/loss; lr=0 keeps hand-set masks fixed."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", F.cross_entropy(logits, y))
+        self.log("val/acc", (logits.argmax(dim=1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def _loader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(32, 1, 8, 8, generator=g)
+        return DataLoader(TensorDataset(x, torch.randint(0, 10, (32,), generator=g)), batch_size=8)
+
+    def train_dataloader(self):
+        return self._loader()
+
+    def val_dataloader(self):
+        return self._loader()
+
+
+def _pruned_model() -> TinyClassifier:
+    model = TinyClassifier()
+    sparsify(model.net)
+    with torch.no_grad():
+        model.net[1].mask[:4] = -1.0  # 256 of 1024 off
+        model.net[3].mask[0] = -1.0  # 16 of 160 off
+    return model
+
+
+def _trainer(tmp_path, **kwargs) -> Trainer:
+    defaults = {
+        "max_epochs": 1,
+        "limit_train_batches": 3,
+        "limit_val_batches": 2,
+        "logger": CSVLogger(tmp_path, name="run", version=0),
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+        "accelerator": "cpu",
+    }
+    defaults.update(kwargs)
+    return Trainer(**defaults)
+
+
+def test_writes_summary_json(tmp_path):
+    seed_everything(123)
+    callback = RunSummary(print_table=False)
+    trainer = _trainer(tmp_path, callbacks=[callback])
+    trainer.fit(_pruned_model())
+
+    path = tmp_path / "run" / "version_0" / "summary.json"
+    assert callback.path == path
+    summary = json.loads(path.read_text())
+    assert summary == callback.summary
+    assert REQUIRED <= set(summary)
+    assert summary["val_acc"] == pytest.approx(float(trainer.callback_metrics["val/acc"]))
+    assert summary["val_loss"] == pytest.approx(float(trainer.callback_metrics["val/loss"]))
+    assert summary["sparsity"] == pytest.approx(272 / 1184)
+    assert (summary["active_connections"], summary["total_connections"]) == (912, 1184)
+    assert summary["dense_flops"] == 1184  # 64*16 + 16*10 multiply-adds for one sample
+    assert summary["effective_flops"] == 1024 * 3 // 4 + 160 * 9 // 10
+    assert summary["seed"] == 123
+    assert (summary["epochs"], summary["global_step"]) == (1, 3)
+    assert summary["train_time_s"] >= 0
+    assert summary["layers"] == [
+        {
+            "name": "net.1",
+            "shape": [16, 64],
+            "active": 768,
+            "total": 1024,
+            "sparsity": 0.25,
+            "dense_flops": 1024,
+        },
+        {
+            "name": "net.3",
+            "shape": [10, 16],
+            "active": 144,
+            "total": 160,
+            "sparsity": pytest.approx(0.1),
+            "dense_flops": 160,
+        },
+    ]
+    assert list(path.parent.glob("*.tmp")) == []
+
+
+def test_never_overwrites(tmp_path):
+    _trainer(tmp_path, callbacks=[RunSummary(print_table=False)]).fit(_pruned_model())
+    first = tmp_path / "run" / "version_0" / "summary.json"
+    content = first.read_bytes()
+
+    dense = TinyClassifier()  # a different result, written to the same directory
+    callback = RunSummary(print_table=False)
+    _trainer(tmp_path, callbacks=[callback]).fit(dense)
+    assert callback.path == first.with_name("summary-1.json")
+    assert first.read_bytes() == content
+    assert json.loads(callback.path.read_text())["sparsity"] == 0.0
+
+    callback = RunSummary(print_table=False)
+    _trainer(tmp_path, callbacks=[callback]).fit(dense)
+    assert callback.path.name == "summary-2.json"
+    assert first.read_bytes() == content
+
+
+def test_custom_filename(tmp_path):
+    callbacks = [RunSummary("final.json", print_table=False)]
+    _trainer(tmp_path, callbacks=callbacks).fit(_pruned_model())
+    _trainer(tmp_path, callbacks=[RunSummary("final.json", print_table=False)]).fit(_pruned_model())
+    names = sorted(p.name for p in (tmp_path / "run" / "version_0").glob("final*.json"))
+    assert names == ["final-1.json", "final.json"]
+
+
+def test_prints_the_table(tmp_path, capsys):
+    callback = RunSummary()
+    _trainer(tmp_path, callbacks=[callback]).fit(_pruned_model())
+    out = capsys.readouterr().out
+    assert "SCL run summary" in out
+    assert "sparsity" in out and "0.2297" in out
+    assert "active_connections  912" in out
+    assert "net.1" in out and "16x64" in out and "0.2500" in out
+    assert f"summary written to {callback.path}" in out
+
+
+def test_print_table_false(tmp_path, capsys):
+    _trainer(tmp_path, callbacks=[RunSummary(print_table=False)]).fit(_pruned_model())
+    assert "SCL run summary" not in capsys.readouterr().out
+
+
+def test_dense_model(tmp_path):
+    callback = RunSummary(print_table=False)
+    _trainer(tmp_path, callbacks=[callback]).fit(TinyClassifier())
+    summary = callback.summary
+    assert summary["sparsity"] == 0.0
+    assert summary["active_connections"] == summary["total_connections"] == 1184
+    assert summary["effective_flops"] == summary["dense_flops"] == 1184
+    assert all(layer["sparsity"] == 0.0 for layer in summary["layers"])
+    assert summary["seed"] is None  # never seeded
+
+
+def test_without_a_logger_writes_to_default_root_dir(tmp_path):
+    callback = RunSummary(print_table=False)
+    _trainer(tmp_path, logger=False, callbacks=[callback]).fit(_pruned_model())
+    assert callback.path == tmp_path / "summary.json"
+    assert callback.path.exists()
+
+
+def test_tracing_failure_only_warns(tmp_path):
+    class NoForward(TinyClassifier):
+        forward = LightningModule.forward
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val/acc", (self.net(x).argmax(dim=1) == y).float().mean())
+
+    callback = RunSummary(print_table=False)
+    with pytest.warns(UserWarning, match="RunSummary: FLOPs tracing failed"):
+        _trainer(tmp_path, callbacks=[callback]).fit(NoForward())
+    summary = json.loads(callback.path.read_text())
+    assert summary["dense_flops"] is None and summary["effective_flops"] is None
+    assert summary["total_connections"] == 1184
+    assert summary["val_acc"] is not None
+
+
+@pytest.mark.parametrize(
+    "filename", ["summary.txt", "summary", "sub/summary.json", "/tmp/summary.json", "", None, 3]
+)
+def test_invalid_filename(filename):
+    with pytest.raises(ValueError, match=r"filename must be a bare file name ending in \.json"):
+        RunSummary(filename)

@@ -1,0 +1,279 @@
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import scl_lightning.callbacks.sparsity_monitor as sparsity_monitor_module
+from scl_lightning import sparsify
+from scl_lightning.callbacks import SparsityMonitor
+from scl_lightning.flops import count_flops
+
+# 64 -> 16 -> 10: fvcore counts one multiply-add per weight and sample
+DENSE = {"net.1": 64 * 16, "net.3": 16 * 10}
+# connections turned off below: 4 of the 16 rows of net.1, 1 of the 10 rows of net.3
+PRUNED = {"net.1": 4 * 64, "net.3": 16}
+SPARSITY = {"net.1": 0.25, "net.3": 0.1}
+EXPECTED = {
+    "sparsity/global": sum(PRUNED.values()) / sum(DENSE.values()),
+    "sparsity/net.1": 0.25,
+    "sparsity/net.3": 0.1,
+    "flops/dense": 1184.0,
+    "flops/effective": 1024 * 0.75 + 160 * 0.9,
+    "flops/ratio": (1024 * 0.75 + 160 * 0.9) / 1184,
+    "flops/effective/net.1": 1024 * 0.75,
+    "flops/effective/net.3": 160 * 0.9,
+}
+LAYER_KEYS = {"sparsity/net.1", "sparsity/net.3", "flops/effective/net.1", "flops/effective/net.3"}
+FLOP_KEYS = {k for k in EXPECTED if k.startswith("flops/")}
+
+
+class TinyClassifier(LightningModule):
+    """Plain (non-SCL) module; lr=0 keeps the hand-set masks where they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(80, 1, 8, 8, generator=g)
+        return DataLoader(TensorDataset(x, torch.randint(0, 10, (80,), generator=g)), batch_size=8)
+
+
+def _pruned_model() -> TinyClassifier:
+    model = TinyClassifier()
+    sparsify(model.net)
+    with torch.no_grad():
+        model.net[1].mask[:4] = -1.0
+        model.net[3].mask[0] = -1.0
+    return model
+
+
+def _trainer(tmp_path, **kwargs) -> Trainer:
+    defaults = {
+        "max_epochs": 1,
+        "limit_train_batches": 3,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+        "accelerator": "cpu",
+    }
+    defaults.update(kwargs)
+    return Trainer(**defaults)
+
+
+def _metrics(trainer: Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
+
+
+@pytest.fixture
+def flop_calls(monkeypatch):
+    """Counts count_flops calls made by the monitor (and records their inputs)."""
+    calls = []
+
+    def counting(model, example_input):
+        calls.append(example_input)
+        return count_flops(model, example_input)
+
+    monkeypatch.setattr(sparsity_monitor_module, "count_flops", counting)
+    return calls
+
+
+class StepSpy(SparsityMonitor):
+    """Records the global step whenever the monitor computes its metrics."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = []
+
+    def compute(self, pl_module):
+        self.steps.append(pl_module.trainer.global_step)
+        return super().compute(pl_module)
+
+
+# -- values ---------------------------------------------------------------------------------------
+
+
+def test_compute_matches_hand_computation():
+    model = _pruned_model()
+    monitor = SparsityMonitor()
+    assert monitor.compute(model) == pytest.approx(
+        {k: v for k, v in EXPECTED.items() if k.startswith("sparsity/")}
+    )
+    monitor.flop_counts = count_flops(model, torch.zeros(1, 1, 8, 8))
+    assert monitor.compute(model) == pytest.approx(EXPECTED)
+
+
+def test_logs_to_csv_every_n_steps_and_at_epoch_end(tmp_path, flop_calls):
+    model = _pruned_model()
+    monitor = StepSpy(log_every_n_steps=2)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = _trainer(
+        tmp_path, max_epochs=2, limit_train_batches=5, log_every_n_steps=1, logger=logger
+    )
+    trainer.callbacks.append(monitor)
+    trainer.fit(model)
+
+    # every second optimizer step, plus each epoch's end
+    assert monitor.steps == [2, 4, 5, 6, 8, 10, 10]
+    assert len(flop_calls) == 1, "FLOPs are traced once, not per step"
+    assert flop_calls[0].shape == (1, 1, 8, 8)
+
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("sparsity/global")]
+    assert set(EXPECTED) <= set(rows[0])
+    assert len(rows) >= 6
+    for row in rows:
+        assert {k: float(row[k]) for k in EXPECTED} == pytest.approx(EXPECTED)
+    assert _metrics(trainer) == pytest.approx(EXPECTED)
+
+
+def test_logs_once_per_optimizer_step_with_gradient_accumulation(tmp_path):
+    monitor = StepSpy(log_every_n_steps=1, flops=False)
+    trainer = _trainer(
+        tmp_path, limit_train_batches=8, accumulate_grad_batches=2, callbacks=[monitor]
+    )
+    trainer.fit(_pruned_model())
+    # 8 batches, 4 optimizer steps: one log per step (the first micro-batch ends before any
+    # step, at global step 0), then the epoch end
+    assert monitor.steps == [0, 1, 2, 3, 4, 4]
+
+
+def test_traces_the_given_example_input_once(tmp_path, flop_calls):
+    example = torch.full((1, 1, 8, 8), 0.5)
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=2,
+        callbacks=[SparsityMonitor(log_every_n_steps=1, example_input=example)],
+    )
+    trainer.fit(_pruned_model())
+    assert len(flop_calls) == 1
+    assert flop_calls[0] is not None and torch.equal(flop_calls[0], example)
+    assert _metrics(trainer) == pytest.approx(EXPECTED)
+
+
+def test_traces_the_example_input_array(tmp_path, flop_calls):
+    model = _pruned_model()
+    model.example_input_array = torch.full((1, 1, 8, 8), 2.0)
+    _trainer(tmp_path, callbacks=[SparsityMonitor(log_every_n_steps=1)]).fit(model)
+    assert len(flop_calls) == 1
+    assert torch.equal(flop_calls[0], model.example_input_array)
+
+
+def test_flops_false(tmp_path, flop_calls):
+    trainer = _trainer(tmp_path, callbacks=[SparsityMonitor(log_every_n_steps=1, flops=False)])
+    trainer.fit(_pruned_model())
+    assert flop_calls == []
+    expected = {k: v for k, v in EXPECTED.items() if k.startswith("sparsity/")}
+    assert _metrics(trainer) == pytest.approx(expected)
+
+
+def test_log_layers_false(tmp_path):
+    trainer = _trainer(tmp_path, callbacks=[SparsityMonitor(log_every_n_steps=1, log_layers=False)])
+    trainer.fit(_pruned_model())
+    expected = {k: v for k, v in EXPECTED.items() if k not in LAYER_KEYS}
+    assert _metrics(trainer) == pytest.approx(expected)
+
+
+def test_dense_model(tmp_path):
+    trainer = _trainer(tmp_path, callbacks=[SparsityMonitor(log_every_n_steps=1)])
+    trainer.fit(TinyClassifier())
+    metrics = _metrics(trainer)
+    assert metrics["sparsity/global"] == 0.0
+    assert metrics["sparsity/net.1"] == metrics["sparsity/net.3"] == 0.0
+    assert metrics["flops/dense"] == metrics["flops/effective"] == 1184.0
+    assert metrics["flops/ratio"] == 1.0
+    assert metrics["flops/effective/net.1"] == 1024.0
+
+
+def test_tracing_failure_only_warns(tmp_path, monkeypatch):
+    calls = []
+
+    def broken(model, example_input):
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sparsity_monitor_module, "count_flops", broken)
+    trainer = _trainer(tmp_path, max_epochs=2, callbacks=[SparsityMonitor(log_every_n_steps=1)])
+    with pytest.warns(UserWarning, match=r"FLOPs tracing failed \(RuntimeError: boom\)"):
+        trainer.fit(_pruned_model())
+    assert len(calls) == 1, "a failed trace is not retried every step"
+    assert trainer.state.finished
+    metrics = _metrics(trainer)
+    assert not FLOP_KEYS & set(metrics)
+    assert metrics["sparsity/global"] == pytest.approx(EXPECTED["sparsity/global"])
+
+
+def test_module_without_forward_only_warns(tmp_path):
+    class NoForward(TinyClassifier):
+        forward = LightningModule.forward
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+    model = NoForward()
+    sparsify(model.net)
+    trainer = _trainer(tmp_path, callbacks=[SparsityMonitor(log_every_n_steps=1)])
+    with pytest.warns(UserWarning, match="FLOPs tracing failed"):
+        trainer.fit(model)
+    assert "sparsity/global" in trainer.callback_metrics
+    assert "flops/dense" not in trainer.callback_metrics
+
+
+def test_batch_without_a_tensor_only_warns(tmp_path):
+    class TextBatches(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            assert isinstance(batch[0], str)
+            x = torch.randn(2, 1, 8, 8)
+            return F.cross_entropy(self(x), torch.tensor([0, 1]))
+
+        def train_dataloader(self):
+            return DataLoader(["a", "b", "c"], batch_size=1)
+
+    model = TextBatches()
+    sparsify(model.net)
+    trainer = _trainer(tmp_path, callbacks=[SparsityMonitor(log_every_n_steps=1)])
+    with pytest.warns(UserWarning, match="cannot find an input tensor in the batch"):
+        trainer.fit(model)
+    assert "sparsity/global" in trainer.callback_metrics
+
+
+# -- state and arguments --------------------------------------------------------------------------
+
+
+def test_state_dict_round_trip(tmp_path):
+    monitor = SparsityMonitor(log_every_n_steps=2, flops=False)
+    _trainer(tmp_path, limit_train_batches=5, callbacks=[monitor]).fit(_pruned_model())
+    state = monitor.state_dict()
+    assert state == {"last_logged_step": 4}
+    restored = SparsityMonitor(log_every_n_steps=2)
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state
+    restored.load_state_dict({})
+    assert restored.state_dict() == {"last_logged_step": -1}
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "5", None])
+def test_invalid_log_every_n_steps(value):
+    with pytest.raises(
+        ValueError, match=rf"log_every_n_steps must be an integer >= 1, got {value!r}"
+    ):
+        SparsityMonitor(log_every_n_steps=value)

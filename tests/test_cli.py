@@ -1,0 +1,145 @@
+"""The `scl` command, run in-process on the real recipes with a few batches."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scl_lightning.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPE = str(CONFIGS / "digits_mlp.yaml")
+DENSE = str(CONFIGS / "digits_mlp_dense.yaml")
+CSV = str(CONFIGS / "logger" / "csv.yaml")
+FAST = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2",
+    "--trainer.enable_progress_bar=false",
+]
+REQUIRED = {
+    "val_acc",
+    "sparsity",
+    "active_connections",
+    "total_connections",
+    "dense_flops",
+    "effective_flops",
+    "seed",
+}
+CONNECTIONS = 64 * 300 + 300 * 100 + 100 * 10
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["scl"])  # LightningCLI warns when both are given
+    return tmp_path
+
+
+def _summary(workdir: Path) -> tuple[Path, dict]:
+    (path,) = (workdir / "runs").rglob("summary.json")
+    return path, json.loads(path.read_text())
+
+
+def test_fit_recipe(workdir):
+    main(["fit", "--config", RECIPE, "--config", CSV, *FAST, "--model.lam=4e-5"])
+    path, summary = _summary(workdir)
+    assert REQUIRED <= set(summary)
+    assert summary["seed"] == 0
+    assert summary["total_connections"] == CONNECTIONS
+    assert summary["dense_flops"] == CONNECTIONS  # all of LeNet's FLOPs are in its Linears
+    assert 0.0 <= summary["sparsity"] < 1.0
+    assert summary["effective_flops"] <= summary["dense_flops"]
+    assert 0.0 <= summary["val_acc"] <= 1.0
+    assert summary["global_step"] == 3
+    config = yaml.safe_load((path.parent / "config.yaml").read_text())
+    assert config["model"]["lam"] == 4e-5
+    assert config["data"]["class_path"] == "scl_lightning.data.DigitsDataModule"
+    hparams = yaml.unsafe_load((path.parent / "hparams.yaml").read_text())
+    assert hparams["lam"] == 4e-5
+    assert hparams["num_classes"] == 10  # linked from the data module
+    assert tuple(hparams["input_shape"]) == (1, 8, 8)
+    assert (path.parent / "metrics.csv").exists()
+    assert (path.parent / "checkpoints" / "last.ckpt").exists()
+    assert not (workdir / "runs" / "wandb").exists()  # the CSV preset replaced W&B
+
+
+def test_fit_dense_recipe(workdir):
+    main(["fit", "--config", DENSE, "--config", CSV, *FAST])
+    _, summary = _summary(workdir)
+    assert REQUIRED <= set(summary)
+    assert summary["sparsity"] == 0.0
+    assert summary["active_connections"] == summary["total_connections"] == CONNECTIONS
+    assert summary["effective_flops"] == summary["dense_flops"]
+
+
+def test_fit_with_default_wandb_logger_runs_offline(workdir, monkeypatch):
+    """No account, no network: the recipe's W&B logger runs offline by itself."""
+    import wandb
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(workdir))  # no ~/.netrc login either
+    try:
+        main(["fit", "--config", RECIPE, *FAST])
+    finally:
+        wandb.finish()
+        wandb.teardown()  # stop the wandb service process this test started
+    assert list((workdir / "runs" / "wandb").glob("offline-run-*"))
+    _, summary = _summary(workdir)
+    assert REQUIRED <= set(summary)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.lam=-1"], "scl: error: lam must be a finite number >= 0, got -1.0"),
+        (["--model.backbone=nope"], "scl: error: unknown model 'nope'; available: "),
+        (["--model.mask_lr=0"], "scl: error: mask_lr must be a finite number > 0, got 0.0"),
+    ],
+)
+def test_bad_value_is_one_line(workdir, capsys, args, message):
+    keep = workdir / "runs" / "old" / "summary.json"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", RECIPE, "--config", CSV, *FAST, *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("scl: error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith(message)
+    assert "Traceback" not in err
+    assert keep.read_text() == "{}"  # existing outputs untouched
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["old"]
+
+
+def test_debug_variable_shows_the_exception(workdir, monkeypatch):
+    monkeypatch.setenv("SCL_DEBUG", "1")
+    with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
+        main(["fit", "--config", RECIPE, "--config", CSV, "--model.lam=-1"])
+
+
+@pytest.mark.parametrize("args", [["--model.lam=x"], ["--config", "missing.yaml"]])
+def test_parser_errors_exit_2(workdir, capsys, args):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", RECIPE, *args])
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err.lower()
+
+
+def test_print_config(workdir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", RECIPE, "--config", CSV, "--model.lam=3e-5", "--print_config"])
+    assert exc.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["seed_everything"] == 0
+    assert config["model"]["backbone"] == "lenet_300_100"
+    assert config["model"]["lam"] == 3e-5
+    assert config["model"]["mask_lr"] == 0.01
+    assert config["data"]["class_path"] == "scl_lightning.data.DigitsDataModule"
+    loggers = config["trainer"]["logger"]
+    assert [lg["class_path"] for lg in loggers] == ["lightning.pytorch.loggers.CSVLogger"]
+    assert not (workdir / "runs").exists()
