@@ -29,9 +29,11 @@ def _metric(metrics: dict[str, Any], key: str) -> float | None:
 def format_summary(summary: dict[str, Any]) -> str:
     """The terminal table of a summary dict (global figures, then one row per layer)."""
 
-    def fmt(v: Any) -> str:
+    def fmt(key: str, v: Any) -> str:
         if v is None:
             return "-"
+        if isinstance(v, float) and key.endswith("_s"):
+            return f"{v:.1f}"
         if isinstance(v, float):
             return f"{v:.4f}"
         if isinstance(v, int):
@@ -52,7 +54,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k in keys)
     lines = ["SCL run summary", "-" * 40]
-    lines += [f"{k:<{width}}  {fmt(summary.get(k))}" for k in keys if k in summary]
+    lines += [f"{k:<{width}}  {fmt(k, summary.get(k))}" for k in keys if k in summary]
     layers = summary.get("layers") or []
     if layers:
         name_w = max(5, *(len(layer["name"]) for layer in layers))
