@@ -7,6 +7,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from .external import create_external_model, is_external_name
+
 __all__ = ["create_model", "list_models", "register_model"]
 
 ModelFactory = Callable[..., nn.Module]
@@ -27,7 +29,8 @@ def register_model(name: str) -> Callable[[_F], _F]:
         name: The name ``create_model`` will know the factory by.
 
     Raises:
-        ValueError: If ``name`` is empty or not a string, or is already registered.
+        ValueError: If ``name`` is empty or not a string, contains ``":"`` (reserved for
+            ``"torchvision:NAME"`` and ``"timm:NAME"``), or is already registered.
 
     Example::
 
@@ -41,6 +44,11 @@ def register_model(name: str) -> Callable[[_F], _F]:
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if is_external_name(name):
+        raise ValueError(
+            f"model name {name!r} contains ':', which is reserved for 'torchvision:NAME' and "
+            "'timm:NAME'; choose another name"
+        )
     if name in _MODELS:
         raise ValueError(
             f"model {name!r} is already registered (by {_MODELS[name].__module__}); "
@@ -59,6 +67,9 @@ def register_model(name: str) -> Callable[[_F], _F]:
 
 def list_models() -> list[str]:
     """Names of all registered models, sorted.
+
+    Models of other libraries are not listed: ``create_model`` also accepts
+    ``"torchvision:NAME"`` and ``"timm:NAME"`` (see :mod:`scl_lightning.models.external`).
 
     Example::
 
@@ -79,7 +90,8 @@ def create_model(
     """Build the registered model ``name``.
 
     Args:
-        name: A name from ``list_models()``.
+        name: A name from ``list_models()``, or ``"torchvision:NAME"`` / ``"timm:NAME"`` for a
+            model of that library (installed separately; imported only here).
         num_classes: Number of output logits.
         input_shape: Shape of one input sample without the batch dimension, e.g. ``(1, 8, 8)``;
             ``None`` lets the model use its default.
@@ -87,6 +99,7 @@ def create_model(
 
     Raises:
         ValueError: If ``name`` is not registered, or the factory rejects the arguments.
+        ImportError: If ``name`` has a library prefix and the library is not installed.
 
     Example::
 
@@ -96,6 +109,10 @@ def create_model(
         >>> model(torch.zeros(2, 1, 8, 8)).shape
         torch.Size([2, 10])
     """
+    if is_external_name(name):
+        return create_external_model(
+            name, num_classes=num_classes, input_shape=input_shape, **kwargs
+        )
     try:
         factory = _MODELS[name]
     except (KeyError, TypeError):
