@@ -143,3 +143,28 @@ def test_print_config(workdir, capsys):
     loggers = config["trainer"]["logger"]
     assert [lg["class_path"] for lg in loggers] == ["lightning.pytorch.loggers.CSVLogger"]
     assert not (workdir / "runs").exists()
+
+
+def test_validate_and_test_from_the_fit_checkpoint(workdir, capsys):
+    main(["fit", "--config", RECIPE, "--config", CSV, *FAST])
+    path, summary = _summary(workdir)
+    (ckpt,) = path.parent.glob("checkpoints/last.ckpt")
+    capsys.readouterr()
+    for sub in ("validate", "test"):
+        main(
+            [
+                sub,
+                "--config",
+                RECIPE,
+                "--config",
+                CSV,
+                "--trainer.limit_val_batches=2",
+                "--trainer.limit_test_batches=2",
+                f"--ckpt_path={ckpt}",
+            ]
+        )
+    out = capsys.readouterr().out
+    assert "val/acc" in out and "test/acc" in out
+    # the checkpoint's masks were loaded: validate reproduces the fit's last validation
+    # accuracy (limit_val_batches=2 in both) to the printed digit
+    assert str(summary["val_acc"]) in out

@@ -9,7 +9,7 @@ from lightning.pytorch import Callback, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from scl_lightning import SCLModule, masked_modules
+from scl_lightning import SCLModule, global_sparsity, masked_modules
 from scl_lightning.callbacks import MaskGradientNormalization, SparsityMonitor
 from scl_lightning.data import DigitsDataModule
 from scl_lightning.models import LeNet300100
@@ -116,7 +116,8 @@ def test_from_module_sparsifies_it_in_place():
     assert torch.equal(net[1].weight, weight)  # weights kept
     assert torch.all(net[1].mask == 0.5)
     assert net[1].ste.name == "leaky_relu"
-    assert "backbone" not in module.hparams  # modules are not hyper-parameters
+    # a module is not a hyper-parameter: only its class is recorded, for a clear error on load
+    assert module.hparams["backbone"] == "<module>:Sequential"
     assert module.hparams.mask_init == 0.5
     assert module.total_connections == 64 * 8 + 8 * 4  # all maskable layers, masked or not
 
@@ -429,3 +430,133 @@ def test_top5_only_with_five_classes_or_more(tmp_path, num_classes, top5):
     trainer.fit(module, _random_loader(num_classes), _random_loader(num_classes))
     assert ("val/acc_top5" in trainer.callback_metrics) is top5
     assert "val/acc" in trainer.callback_metrics
+
+
+# -- clipping, schedules and batch-size scaling, checkpoints --------------------------------------
+
+
+def test_gradient_clipping_leaves_mask_gradients_out(tmp_path):
+    module = SCLModule("lenet_300_100", num_classes=10, input_shape=(1, 8, 8), constant_lr=True)
+    trainer = _trainer(tmp_path)
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    optimizer = module.configure_optimizers()
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    mask_grads = [m.grad.clone() for m in module.masks]
+    module.configure_gradient_clipping(optimizer, 1.0, "norm")
+    weights = [p for g in optimizer.param_groups if not g.get(MASK_GROUP_KEY) for p in g["params"]]
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in weights]))
+    assert total == pytest.approx(1.0, rel=1e-4)
+    assert all(torch.equal(m.grad, g) for m, g in zip(module.masks, mask_grads, strict=True))
+    module.configure_gradient_clipping(optimizer, 1e-3, "value")
+    assert all(float(p.grad.abs().max()) <= 1e-3 + 1e-9 for p in weights)
+    assert all(torch.equal(m.grad, g) for m, g in zip(module.masks, mask_grads, strict=True))
+
+
+def test_digits_recipe_still_prunes_with_gradient_clipping(tmp_path):
+    module = SCLModule("lenet_300_100", num_classes=10, input_shape=(1, 8, 8), lam=2e-5)
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=8,
+        limit_train_batches=None,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+        callbacks=[MaskGradientNormalization()],
+    )
+    trainer.fit(module, datamodule=DigitsDataModule())
+    assert global_sparsity(module.model) > 0.3
+
+
+def test_one_cycle_schedules_the_mask_group_relative_to_mask_lr(tmp_path):
+    """mask_lr is the masks' learning rate when training starts; from there the mask group
+    follows the weights' schedule proportionally, whatever the scheduler does (OneCycleLR
+    rewrites every group's lr when it is built: the weights start at max_lr / 25 = 0.02)."""
+    module = SCLModule(
+        "lenet_300_100",
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        mask_lr=0.01,
+        lr_scheduler=functools.partial(
+            torch.optim.lr_scheduler.OneCycleLR, max_lr=0.5, total_steps=100
+        ),
+        lr_scheduler_config={"interval": "step"},
+    )
+    trainer = _trainer(tmp_path)
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    weights, masks = optimizer.param_groups
+    assert masks["lr"] == pytest.approx(0.01)
+    assert weights["lr"] == pytest.approx(0.02)
+    for _ in range(30):
+        optimizer.step()
+        scheduler.step()
+        assert masks["lr"] / weights["lr"] == pytest.approx(0.01 / 0.02)
+    assert weights["lr"] > 0.3  # the cycle is under way: near its peak of 0.5
+
+
+def test_reduce_on_plateau_with_monitor(tmp_path):
+    module = SCLModule(
+        "lenet_300_100",
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau,
+        lr_scheduler_config={"monitor": "val/loss"},
+    )
+    trainer = _trainer(tmp_path, max_epochs=2, callbacks=[MaskGradientNormalization()])
+    trainer.fit(module, datamodule=DigitsDataModule())
+    assert trainer.lr_scheduler_configs[0].monitor == "val/loss"
+
+
+@pytest.mark.parametrize(("batch", "accumulate", "factor"), [(64, 1, 0.25), (32, 4, 0.5)])
+def test_lr_reference_batch_size_scales_every_group(tmp_path, batch, accumulate, factor):
+    module = SCLModule(
+        "lenet_300_100",
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        mask_lr=0.01,
+        constant_lr=True,
+        lr_reference_batch_size=256,
+    )
+    trainer = _trainer(tmp_path, accumulate_grad_batches=accumulate, max_steps=1)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=batch))
+    weights, masks = trainer.optimizers[0].param_groups
+    assert weights["lr"] == pytest.approx(0.05 * factor)
+    assert masks["lr"] == pytest.approx(0.01 * factor)
+
+
+def test_lr_reference_batch_size_needs_a_batch_size(tmp_path):
+    module = SCLModule("lenet_300_100", num_classes=10, lr_reference_batch_size=256)
+    with pytest.raises(ValueError, match="per-device `batch_size`"):
+        _trainer(tmp_path).fit(module, train_dataloaders=_random_loader())
+
+
+def test_load_from_checkpoint_restores_masks(tmp_path):
+    module = SCLModule("lenet_300_100", num_classes=10, input_shape=(1, 8, 8))
+    _prune_some(module)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, datamodule=DigitsDataModule())
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = SCLModule.load_from_checkpoint(path)
+    for a, b in zip(module.masks, loaded.masks, strict=True):
+        assert torch.equal(a, b)
+    assert global_sparsity(loaded.model) == global_sparsity(module.model) > 0
+
+
+def test_load_from_checkpoint_of_a_module_backbone_asks_for_it(tmp_path):
+    def net():
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))
+
+    module = SCLModule(net(), num_classes=10)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, train_dataloaders=_random_loader())
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(ValueError, match=r"backbone module \(Sequential\).*backbone=MyNet"):
+        SCLModule.load_from_checkpoint(path)
+    loaded = SCLModule.load_from_checkpoint(path, backbone=net())
+    assert torch.equal(loaded.masks[0], module.masks[0])

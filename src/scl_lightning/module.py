@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -17,10 +18,13 @@ from scl_lightning.callbacks.mask_grad_norm import MaskGradientNormalization
 from scl_lightning.callbacks.sparsity_monitor import SparsityMonitor
 from scl_lightning.flops import maskable_connectivity
 from scl_lightning.models import create_model
+from scl_lightning.nn.masked import validate_mask_init
 from scl_lightning.nn.sparsify import sparsify as _sparsify
 from scl_lightning.nn.stats import connection_count
+from scl_lightning.nn.ste import get_ste
 from scl_lightning.training import (
     MASK_GROUP_KEY,
+    attach_mask_group,
     drop_mask_grads,
     mask_parameters,
     masks_trainable,
@@ -29,6 +33,8 @@ from scl_lightning.training import (
 )
 
 __all__ = ["SCLModule"]
+
+_MODULE_MARK = "<module>:"
 
 
 class SCLModule(pl.LightningModule):
@@ -59,12 +65,20 @@ class SCLModule(pl.LightningModule):
         mask_init: initial value of every mask variable, ``> 0``.
         exclude: module-name patterns (relative to the backbone) to leave dense.
         task_loss: the task loss; cross-entropy when ``None``.
-        optimizer: builds the optimizer from parameter groups; when ``None``,
-            ``SGD(lr=0.05, momentum=0.9, weight_decay=5e-4)``. The mask group overrides ``lr``
-            and ``weight_decay``.
+        optimizer: builds the optimizer from the parameters; when ``None``,
+            ``SGD(lr=0.05, momentum=0.9, weight_decay=5e-4)``. The masks are then moved to a
+            group of their own with ``lr=mask_lr`` and no weight decay.
         lr_scheduler: builds a scheduler from the optimizer; ``None`` means cosine annealing to 0
-            over the whole run, stepped every optimizer step (both groups).
+            over the whole run, stepped every optimizer step. The mask group follows the same
+            schedule relative to ``mask_lr`` (``mask_lr`` is to the masks what the optimizer's
+            base ``lr`` is to the weights).
+        lr_scheduler_config: Lightning's scheduler settings for ``lr_scheduler``, e.g.
+            ``{"interval": "step"}`` or ``{"monitor": "val/loss"}`` (ReduceLROnPlateau).
         constant_lr: turn the default schedule off (ignored when ``lr_scheduler`` is given).
+        lr_reference_batch_size: scale every learning rate (masks too) by
+            ``global batch / lr_reference_batch_size`` (the linear scaling rule), where the
+            global batch is the data module's per-device ``batch_size`` x devices x nodes x
+            ``accumulate_grad_batches``; ``None`` uses the rates as given.
         mask_lr: learning rate of the masks, ``> 0``.
         warmup_epochs: dense warm-up: masks do not learn (and no penalty) before this epoch.
         freeze_masks_epoch: fine-tune phase: masks are frozen from this epoch on.
@@ -96,7 +110,9 @@ class SCLModule(pl.LightningModule):
         task_loss: nn.Module | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_config: dict[str, Any] | None = None,
         constant_lr: bool = False,
+        lr_reference_batch_size: int | None = None,
         mask_lr: float = 0.01,
         warmup_epochs: int = 0,
         freeze_masks_epoch: int | None = None,
@@ -109,10 +125,32 @@ class SCLModule(pl.LightningModule):
         if penalty not in ("count", "density"):
             raise ValueError(f"penalty must be 'count' or 'density', got {penalty!r}")
         validate_phases(warmup_epochs, freeze_masks_epoch)
+        if lr_reference_batch_size is not None and (
+            isinstance(lr_reference_batch_size, bool)
+            or not isinstance(lr_reference_batch_size, int)
+            or lr_reference_batch_size < 1
+        ):
+            raise ValueError(
+                "lr_reference_batch_size must be a positive integer or None, "
+                f"got {lr_reference_batch_size!r}"
+            )
+        # checked even for a dense run, so a recipe's typo never waits for its SCL variant
+        get_ste(ste, **(ste_kwargs or {}))
+        validate_mask_init(mask_init)
+        if isinstance(backbone, str) and backbone.startswith(_MODULE_MARK):
+            raise ValueError(
+                f"this checkpoint was trained with a backbone module "
+                f"({backbone[len(_MODULE_MARK) :]}), not a registry name: pass it again, e.g. "
+                "SCLModule.load_from_checkpoint(path, backbone=MyNet(...))"
+            )
         self.save_hyperparameters(
             ignore=["task_loss", "optimizer", "lr_scheduler"]
             + ([] if isinstance(backbone, str) else ["backbone"])
         )
+        if not isinstance(backbone, str):
+            # a module cannot be rebuilt from hparams: record what it was, so that
+            # `load_from_checkpoint` without `backbone=` fails with a clear message
+            self.hparams["backbone"] = _MODULE_MARK + type(backbone).__qualname__
         if isinstance(backbone, str):
             backbone = create_model(
                 backbone,
@@ -136,6 +174,8 @@ class SCLModule(pl.LightningModule):
         self.warmup_epochs = warmup_epochs
         self.freeze_masks_epoch = freeze_masks_epoch
         self.constant_lr = constant_lr
+        self.lr_scheduler_config = lr_scheduler_config
+        self.lr_reference_batch_size = lr_reference_batch_size
         self.task_loss = task_loss if task_loss is not None else nn.CrossEntropyLoss()
         self._optimizer_factory = optimizer
         self._scheduler_factory = lr_scheduler
@@ -247,32 +287,75 @@ class SCLModule(pl.LightningModule):
         if self.masks and not self.masks_learning:
             drop_mask_grads(self.masks)
 
+    def _global_batch_size(self) -> int:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        per_device = getattr(datamodule, "batch_size", None)
+        if not isinstance(per_device, int):
+            raise ValueError(
+                "lr_reference_batch_size needs the data module's per-device `batch_size`; "
+                "set it on the data module or leave lr_reference_batch_size unset"
+            )
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
     @override
     def configure_optimizers(self) -> Any:
         masks = self.masks
-        mask_ids = {id(m) for m in masks}
-        weights = [p for p in self.parameters() if p.requires_grad and id(p) not in mask_ids]
-        groups: list[dict[str, Any]] = [{"params": weights}]
-        if masks:
-            groups.append(
-                {
-                    "params": masks,
-                    "lr": self.mask_lr,
-                    "weight_decay": 0.0,
-                    MASK_GROUP_KEY: True,
-                }
-            )
+        params = [p for p in self.parameters() if p.requires_grad]
         if self._optimizer_factory is not None:
-            optimizer = self._optimizer_factory(groups)
+            optimizer = self._optimizer_factory(params)
         else:
-            optimizer = torch.optim.SGD(groups, lr=0.05, momentum=0.9, weight_decay=5e-4)
-        if masks:  # an optimizer factory may not keep per-group keys it does not know
-            optimizer.param_groups[-1].update(lr=self.mask_lr, weight_decay=0.0)
+            optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+        mask_lr = self.mask_lr
+        if self.lr_reference_batch_size is not None:
+            factor = self._global_batch_size() / self.lr_reference_batch_size
+            for group in optimizer.param_groups:
+                group["lr"] *= factor
+            mask_lr *= factor
+        scheduler: Any = None
+        config: dict[str, Any] = {}
         if self._scheduler_factory is not None:
             scheduler = self._scheduler_factory(optimizer)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
-        if self.constant_lr:
+            config = dict(self.lr_scheduler_config or {})
+        elif not self.constant_lr:
+            total_steps = float(self.trainer.estimated_stepping_batches)
+            if math.isfinite(total_steps):
+                scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                    optimizer, T_max=max(1, int(total_steps))
+                )
+                config = {"interval": "step"}
+            else:
+                rank_zero_warn(
+                    "SCLModule: the run length is unknown (no max_steps/max_epochs), so the "
+                    "default cosine schedule is off; pass lr_scheduler or set a limit"
+                )
+        if masks:
+            # The masks join a group of their own after the scheduler is built, exactly as the
+            # drop-in callback does it, so the schedule treats them the same way in both: the
+            # mask group follows the weights' schedule relative to ``mask_lr``.
+            attach_mask_group(optimizer, masks, mask_lr, [scheduler] if scheduler else [])
+        if scheduler is None:
             return optimizer
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **config}}
+
+    @override
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Clip the weights only: normalized mask gradients have RMS 1 per feature, so in one
+        # norm with the weights they would dominate it and shrink the weights' gradients.
+        if not gradient_clip_val:
+            return
+        params = [
+            p
+            for g in optimizer.param_groups
+            if not g.get(MASK_GROUP_KEY)
+            for p in g["params"]
+            if p.grad is not None
+        ]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)

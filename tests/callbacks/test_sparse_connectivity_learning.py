@@ -368,3 +368,132 @@ def test_needs_an_optimizer(tmp_path):
     trainer = _trainer(tmp_path, callbacks=[SparseConnectivityLearning()])
     with pytest.raises(ValueError, match="needs the module to configure an optimizer"):
         trainer.fit(NoOptimizer(), _digits_loader())
+
+
+# -- gradient clipping, several optimizers, configure_model ---------------------------------------
+
+
+class GradNorms(Callback):
+    """Weight gradient norms and mask gradients as the optimizer step used them (recorded right
+    after the step: Lightning clips inside the step's closure)."""
+
+    def __init__(self):
+        self.weights: list[float] = []
+        self.masks: list[bool] = []
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.optimizers[0].register_step_post_hook(self._record)
+
+    def _record(self, optimizer, *_):
+        weights = [
+            p
+            for g in optimizer.param_groups
+            if not g.get(MASK_GROUP_KEY)
+            for p in g["params"]
+            if p.grad is not None
+        ]
+        masks = [p for g in optimizer.param_groups if g.get(MASK_GROUP_KEY) for p in g["params"]]
+        self.weights.append(
+            float(
+                torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(p.grad) for p in weights])
+                )
+            )
+        )
+        self.masks.append(all(m.grad is not None for m in masks))
+
+
+def test_gradient_clipping_applies_to_weights_only(tmp_path):
+    """Normalized mask gradients (RMS 1 per feature) must not enter the clipping norm."""
+    torch.manual_seed(0)
+    norms = GradNorms()
+    scl = SparseConnectivityLearning(lam=1e-3, mask_lr=0.1)
+    trainer = _trainer(
+        tmp_path, limit_train_batches=4, gradient_clip_val=0.5, callbacks=[scl, norms]
+    )
+    trainer.fit(PlainMLP(scheduler=False), train_dataloaders=_digits_loader())
+    assert all(norms.masks), "mask gradients are back for the optimizer step"
+    # the weights were clipped to 0.5 by their own norm, not shrunk by the masks' (~ sqrt(2400))
+    assert max(norms.weights) <= 0.5 + 1e-4
+    assert min(norms.weights) > 0.05
+
+
+def test_masks_still_learn_with_gradient_clipping(tmp_path):
+    torch.manual_seed(0)
+    module = PlainMLP(scheduler=False)
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=3,
+        limit_train_batches=None,
+        gradient_clip_val=1.0,
+        callbacks=[SparseConnectivityLearning(lam=1e-3, mask_lr=0.1)],
+    )
+    trainer.fit(module, train_dataloaders=_digits_loader())
+    assert global_sparsity(module.net) > 0.5
+
+
+class TwoNets(LightningModule):
+    """GAN-style: two networks, two optimizers, manual optimization."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.gen = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+        self.disc = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        og, od = self.optimizers()
+        for net, opt in ((self.gen, og), (self.disc, od)):
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    def configure_optimizers(self):
+        return (
+            torch.optim.SGD(self.gen.parameters(), lr=0.05),
+            torch.optim.SGD(self.disc.parameters(), lr=0.05),
+        )
+
+
+def test_each_optimizer_keeps_its_own_masks(tmp_path):
+    module = TwoNets()
+    snaps = MaskSnapshots()
+    trainer = _trainer(
+        tmp_path,
+        limit_train_batches=4,
+        callbacks=[SparseConnectivityLearning(lam=1e-3, mask_lr=0.1), snaps],
+    )
+    trainer.fit(module, train_dataloaders=_digits_loader())
+    og, od = trainer.optimizers
+    gen_masks = {id(m) for m in _masks(module.gen)}
+    disc_masks = {id(m) for m in _masks(module.disc)}
+    for opt, own in ((og, gen_masks), (od, disc_masks)):
+        groups = [g for g in opt.param_groups if g.get(MASK_GROUP_KEY)]
+        assert len(groups) == 1
+        assert {id(p) for p in groups[0]["params"]} == own
+    # each network's masks were updated by its own optimizer with its own task gradient: not all
+    # by the same amount, as a penalty-only update of a foreign optimizer would do
+    before, after = snaps.masks[0], snaps.masks[-1]
+    for b, a in zip(before, after, strict=True):
+        moved = (a - b).abs()
+        assert moved.max() > 0 and moved.std() > 0
+
+
+class BuiltInConfigureModel(PlainMLP):
+    def __init__(self):
+        LightningModule.__init__(self)
+        self.net = None
+        self.scheduler = False
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def test_module_that_builds_layers_in_configure_model(tmp_path):
+    module = BuiltInConfigureModel()
+    trainer = _trainer(tmp_path, callbacks=[SparseConnectivityLearning(target="net")])
+    trainer.fit(module, train_dataloaders=_digits_loader())
+    assert len(_masks(module.net)) == 2

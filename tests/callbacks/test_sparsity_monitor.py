@@ -131,8 +131,8 @@ def test_logs_to_csv_every_n_steps_and_at_epoch_end(tmp_path, flop_calls):
     trainer.callbacks.append(monitor)
     trainer.fit(model)
 
-    # every second optimizer step, plus each epoch's end
-    assert monitor.steps == [2, 4, 5, 6, 8, 10, 10]
+    # the first logging step, then every second optimizer step, plus each epoch's end
+    assert monitor.steps == [1, 2, 4, 5, 6, 8, 10, 10]
     assert len(flop_calls) == 1, "FLOPs are traced once, not per step"
     assert flop_calls[0].shape == (1, 1, 8, 8)
 
@@ -148,12 +148,16 @@ def test_logs_to_csv_every_n_steps_and_at_epoch_end(tmp_path, flop_calls):
 def test_logs_once_per_optimizer_step_with_gradient_accumulation(tmp_path):
     monitor = StepSpy(log_every_n_steps=1, flops=False)
     trainer = _trainer(
-        tmp_path, limit_train_batches=8, accumulate_grad_batches=2, callbacks=[monitor]
+        tmp_path,
+        limit_train_batches=8,
+        accumulate_grad_batches=2,
+        log_every_n_steps=1,
+        callbacks=[monitor],
     )
     trainer.fit(_pruned_model())
-    # 8 batches, 4 optimizer steps: one log per step (the first micro-batch ends before any
-    # step, at global step 0), then the epoch end
-    assert monitor.steps == [0, 1, 2, 3, 4, 4]
+    # 8 batches, 4 optimizer steps: one log per optimizer step (none after a micro-batch that
+    # only accumulates), then the epoch end
+    assert monitor.steps == [1, 2, 3, 4, 4]
 
 
 def test_traces_the_given_example_input_once(tmp_path, flop_calls):
@@ -261,7 +265,9 @@ def test_batch_without_a_tensor_only_warns(tmp_path):
 
 def test_state_dict_round_trip(tmp_path):
     monitor = SparsityMonitor(log_every_n_steps=2, flops=False)
-    _trainer(tmp_path, limit_train_batches=5, callbacks=[monitor]).fit(_pruned_model())
+    _trainer(tmp_path, limit_train_batches=5, log_every_n_steps=1, callbacks=[monitor]).fit(
+        _pruned_model()
+    )
     state = monitor.state_dict()
     assert state == {"last_logged_step": 4}
     restored = SparsityMonitor(log_every_n_steps=2)
@@ -271,7 +277,44 @@ def test_state_dict_round_trip(tmp_path):
     assert restored.state_dict() == {"last_logged_step": -1}
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, True, "5", None])
+@pytest.mark.parametrize(
+    ("trainer_every", "monitor_every", "expected_steps"),
+    [
+        (3, None, [3, 6]),  # follows the Trainer
+        (2, 4, [2, 4]),  # a multiple of the Trainer's: first log, then every 4 (not at 6)
+        (5, 7, [5]),  # not a multiple: rounded up to 10 (warned)
+    ],
+)
+def test_logs_exactly_at_the_trainers_logging_steps(
+    tmp_path, trainer_every, monitor_every, expected_steps
+):
+    """Lightning writes step metrics only at its logging steps: the monitor logs at those, so
+    no logged value is stale (computed at an earlier step than the row it lands in)."""
+    model = _pruned_model()
+    monitor = StepSpy(log_every_n_steps=monitor_every, flops=False)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = _trainer(
+        tmp_path,
+        limit_train_batches=7,  # the epoch ends off the logging steps
+        log_every_n_steps=trainer_every,
+        logger=logger,
+        callbacks=[monitor],
+    )
+    if monitor_every is not None and monitor_every % trainer_every:
+        with pytest.warns(UserWarning, match="not a multiple"):
+            trainer.fit(model)
+    else:
+        trainer.fit(model)
+    assert monitor.steps[:-1] == expected_steps  # then the epoch end
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        logged_steps = [
+            int(row["step"]) + 1 for row in csv.DictReader(f) if row.get("sparsity/global")
+        ]
+    # CSV rows carry Lightning's 0-based step of the batch that was logged
+    assert logged_steps[: len(expected_steps)] == expected_steps
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "5"])
 def test_invalid_log_every_n_steps(value):
     with pytest.raises(
         ValueError, match=rf"log_every_n_steps must be an integer >= 1, got {value!r}"

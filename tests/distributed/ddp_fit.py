@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from scl_lightning import SCLModule
-from scl_lightning.callbacks import MaskGradientNormalization, SparsityMonitor
+from scl_lightning.callbacks import MaskGradientNormalization, RunSummary, SparsityMonitor
 from scl_lightning.data import DigitsDataModule
 
 
@@ -30,11 +30,16 @@ class Recorder(pl.Callback):
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        logged = {k: float(v) for k, v in trainer.callback_metrics.items()
-                  if k.startswith("sparsity/")}
+        logged = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("sparsity/")
+        }
         torch.save(
-            {"state": state, "sparsity": logged, "batches": self.batches,
-             "world_size": trainer.world_size},
+            {
+                "state": state,
+                "sparsity": logged,
+                "batches": self.batches,
+                "world_size": trainer.world_size,
+            },
             self.out / f"rank{trainer.global_rank}.pt",
         )
 
@@ -42,14 +47,23 @@ class Recorder(pl.Callback):
 def main() -> None:
     out = Path(sys.argv[1])
     pl.seed_everything(0)
-    module = SCLModule("lenet_300_100", num_classes=10, input_shape=(1, 8, 8), lam=1e-4,
-                       mask_lr=0.05)
+    module = SCLModule(
+        "lenet_300_100", num_classes=10, input_shape=(1, 8, 8), lam=1e-4, mask_lr=0.05
+    )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=6,
-        limit_val_batches=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
-        callbacks=[MaskGradientNormalization(), SparsityMonitor(log_every_n_steps=2),
-                   Recorder(out)],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        limit_train_batches=6,
+        limit_val_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+        log_every_n_steps=2,
+        callbacks=[MaskGradientNormalization(), SparsityMonitor(), RunSummary(), Recorder(out)],
     )
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
 

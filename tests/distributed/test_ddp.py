@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,14 +15,22 @@ SCRIPT = Path(__file__).with_name("ddp_fit.py")
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ddp")
+def ddp_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ddp")
+
+
+@pytest.fixture(scope="module")
+def ranks(ddp_out: Path) -> list[dict]:
+    out = ddp_out
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("PL_GLOBAL_SEED", None)
     src = str(Path(__file__).resolve().parents[2] / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out)], env=env, capture_output=True, text=True,
+        [sys.executable, str(SCRIPT), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -57,3 +66,12 @@ def test_each_rank_saw_different_data(ranks: list[dict]) -> None:
 def test_each_rank_reshuffles_per_epoch(ranks: list[dict]) -> None:
     for r in ranks:
         assert set(r["batches"][:6]) != set(r["batches"][6:])
+
+
+def test_run_summary_written_once_by_rank_zero(ranks: list[dict], ddp_out: Path) -> None:
+    """RunSummary reads the run directory on every rank (Lightning broadcasts it) and writes
+    on rank zero only: no hang, one file."""
+    summaries = sorted(p.name for p in ddp_out.glob("summary*.json"))
+    assert summaries == ["summary.json"]
+    summary = json.loads((ddp_out / "summary.json").read_text())
+    assert summary["sparsity"] == pytest.approx(ranks[0]["sparsity"]["sparsity/global"])

@@ -180,10 +180,12 @@ class RunSummary(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # `trainer.log_dir` broadcasts from rank zero: every rank must read it (under DDP a rank
+        # that returned first would leave rank zero waiting or failing).
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
         self.summary = self.build(trainer, pl_module)
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         self.path = self._free_path(directory)
         tmp = self.path.with_suffix(".json.tmp")

@@ -9,19 +9,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from scl_lightning.callbacks.mask_grad_norm import MaskGradientNormalization
 from scl_lightning.callbacks.sparsity_monitor import SparsityMonitor
 from scl_lightning.nn.masked import MaskedLayer, validate_mask_init
-from scl_lightning.nn.sparsify import masked_modules, sparsify
+from scl_lightning.nn.normalize import normalize_per_feature, validate_norm_mode
+from scl_lightning.nn.sparsify import maskable_modules, masked_modules, sparsify
 from scl_lightning.nn.ste import get_ste
 from scl_lightning.training import (
     MASK_GROUP_KEY,
     attach_mask_group,
     drop_mask_grads,
-    mask_parameters,
     masks_trainable,
     validate_phases,
     validate_positive,
@@ -45,7 +45,11 @@ class SparseConnectivityLearning(Callback):
     4. logs sparsity and FLOPs like :class:`SparsityMonitor`.
 
     The penalty is added to the gradient once per optimizer step, so it is the same with or
-    without gradient accumulation; the module's own loss and logs are untouched.
+    without gradient accumulation; the module's own loss and logs are untouched. With several
+    optimizers (a GAN, say) each keeps its own masks in its own mask group. Gradient clipping
+    (``Trainer(gradient_clip_val=...)``) applies to the weights only: normalized mask gradients
+    would otherwise dominate the clipping norm. Sharded strategies that flatten parameters
+    (FSDP, DeepSpeed) are not supported.
 
     Args:
         lam: weight of the connection penalty, ``>= 0``.
@@ -60,7 +64,7 @@ class SparseConnectivityLearning(Callback):
         freeze_masks_epoch: masks are frozen from this epoch on.
         target: attribute name of the network inside the module (``"model"``, ``"net"``);
             ``None`` sparsifies every maskable layer of the whole module.
-        log_every_n_steps: sparsity/FLOPs logging interval.
+        log_every_n_steps: sparsity/FLOPs logging interval (``None``: the Trainer's).
         flops: trace and log FLOPs.
 
     Raises:
@@ -86,7 +90,7 @@ class SparseConnectivityLearning(Callback):
         warmup_epochs: int = 0,
         freeze_masks_epoch: int | None = None,
         target: str | None = None,
-        log_every_n_steps: int = 50,
+        log_every_n_steps: int | None = None,
         flops: bool = True,
     ) -> None:
         self.lam = validate_positive("lam", lam, allow_zero=True)
@@ -107,10 +111,12 @@ class SparseConnectivityLearning(Callback):
         self.warmup_epochs = warmup_epochs
         self.freeze_masks_epoch = freeze_masks_epoch
         self.target = target
-        self.normalization = MaskGradientNormalization(normalize)
+        self.normalize = validate_norm_mode(normalize)
+        self.eps = 1e-12
         self.monitor = SparsityMonitor(log_every_n_steps=log_every_n_steps, flops=flops)
-        self._masks: list[nn.Parameter] = []
-        self._layers: list[MaskedLayer] = []
+        self._layers: dict[int, MaskedLayer] = {}  # id(mask) -> layer, in module order
+        self._total = 0
+        self._wrapped: pl.LightningModule | None = None
 
     def _network(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.target is None:
@@ -125,15 +131,20 @@ class SparseConnectivityLearning(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        candidate = pl_module if self.target is None else getattr(pl_module, self.target, None)
+        built = isinstance(candidate, nn.Module) and any(True for _ in maskable_modules(candidate))
+        if not built and is_overridden("configure_model", pl_module):
+            # The module builds its layers in `configure_model`, which Lightning calls after
+            # this hook; its contract is that the hook is idempotent, so build them now.
+            pl_module.configure_model()
         net = self._network(pl_module)
         if not any(True for _ in masked_modules(net)):
             sparsify(net, exclude=self.exclude, mask_init=self.mask_init, ste=self.ste)
-        self._layers = [layer for _, layer in masked_modules(net)]
-        self._masks = mask_parameters(net)
+        self._layers = {id(layer.mask): layer for _, layer in masked_modules(net)}
+        self._total = sum(layer.mask.numel() for layer in self._layers.values())
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        mask_ids = {id(m) for m in self._masks}
         # Lightning stands in an optimizer with no parameter groups when
         # configure_optimizers returns None
         optimizers = [o for o in trainer.optimizers if o.param_groups]
@@ -141,53 +152,105 @@ class SparseConnectivityLearning(Callback):
             raise ValueError(
                 "SparseConnectivityLearning needs the module to configure an optimizer"
             )
-        owner = next(
-            (
-                o
-                for o in optimizers
-                if any(id(p) in mask_ids for g in o.param_groups for p in g["params"])
-            ),
-            None,
-        )
-        if owner is None:
-            owner = optimizers[0]
+        # Each mask joins a mask group in the optimizer that already holds it (a GAN's
+        # generator and discriminator keep their own masks); masks no optimizer holds go to the
+        # first one.
+        owner: dict[int, torch.optim.Optimizer] = {}
+        for opt in optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if id(p) in self._layers:
+                        owner.setdefault(id(p), opt)
+        if len(owner) < len(self._layers):
             rank_zero_info(
-                "SparseConnectivityLearning: the module's optimizer does not hold the "
-                "masks; adding them to its first optimizer."
+                "SparseConnectivityLearning: the module's optimizers do not hold every mask; "
+                "adding the others to its first optimizer."
             )
-        if not any(g.get(MASK_GROUP_KEY) for g in owner.param_groups):
+        for opt in optimizers:
+            if any(g.get(MASK_GROUP_KEY) for g in opt.param_groups):
+                continue
+            masks = [
+                layer.mask
+                for key, layer in self._layers.items()
+                if owner.get(key, optimizers[0]) is opt
+            ]
+            if not masks:
+                continue
             schedulers = [
                 c.scheduler
                 for c in trainer.lr_scheduler_configs
-                if getattr(c.scheduler, "optimizer", None) is owner
+                if getattr(c.scheduler, "optimizer", None) is opt
             ]
-            attach_mask_group(owner, self._masks, self.mask_lr, schedulers)
-        self.normalization.on_fit_start(trainer, pl_module)
+            attach_mask_group(opt, masks, self.mask_lr, schedulers)
+        self._wrap_gradient_clipping(pl_module)
+        self.monitor.on_fit_start(trainer, pl_module)
+
+    def _wrap_gradient_clipping(self, pl_module: pl.LightningModule) -> None:
+        """Leave the masks out of the module's gradient clipping.
+
+        Lightning clips after ``on_before_optimizer_step``, through the module's
+        ``configure_gradient_clipping`` hook and over the whole optimizer: normalized mask
+        gradients (RMS 1 per feature) would dominate the norm and shrink the weights' gradients.
+        For the length of the fit the hook is wrapped on this instance (the module's own
+        override, if any, still runs) so that it sees no mask gradient.
+        """
+        if "configure_gradient_clipping" in vars(pl_module):
+            return
+        original = pl_module.configure_gradient_clipping
+
+        def configure_gradient_clipping(
+            optimizer: torch.optim.Optimizer,
+            gradient_clip_val: float | None = None,
+            gradient_clip_algorithm: str | None = None,
+        ) -> None:
+            masks = [
+                p for g in optimizer.param_groups if g.get(MASK_GROUP_KEY) for p in g["params"]
+            ]
+            grads = [m.grad for m in masks]
+            for mask in masks:
+                mask.grad = None
+            try:
+                original(
+                    optimizer,
+                    gradient_clip_val=gradient_clip_val,
+                    gradient_clip_algorithm=gradient_clip_algorithm,
+                )
+            finally:
+                for mask, grad in zip(masks, grads, strict=True):
+                    mask.grad = grad
+
+        vars(pl_module)["configure_gradient_clipping"] = configure_gradient_clipping
+        self._wrapped = pl_module
 
     @override
     @torch.no_grad()
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not any(g.get(MASK_GROUP_KEY) for g in optimizer.param_groups):
+        masks = [p for g in optimizer.param_groups if g.get(MASK_GROUP_KEY) for p in g["params"]]
+        if not masks:
             return
         if not masks_trainable(trainer.current_epoch, self.warmup_epochs, self.freeze_masks_epoch):
-            drop_mask_grads(self._masks)
+            drop_mask_grads(masks)
             return
-        if self.lam > 0:
-            scale = self.lam
-            if self.penalty == "density":
-                scale /= sum(m.numel() for m in self._masks)
-            for layer in self._layers:
+        scale = self.lam / self._total if self.penalty == "density" else self.lam
+        for mask in masks:
+            if scale > 0:
                 # the layer's own estimator, as in its forward pass: a network sparsified
                 # before this callback keeps the estimator it was given
-                layer_mask = layer.mask
-                penalty = layer.ste.proxy(layer_mask).mul_(scale)
-                if layer_mask.grad is None:
-                    layer_mask.grad = penalty
+                penalty = self._layers[id(mask)].ste.proxy(mask).mul_(scale)
+                if mask.grad is None:
+                    mask.grad = penalty
                 else:
-                    layer_mask.grad.add_(penalty)
-        self.normalization.on_before_optimizer_step(trainer, pl_module, optimizer)
+                    mask.grad.add_(penalty)
+            if mask.grad is not None:
+                normalize_per_feature(mask.grad, self.normalize, self.eps, inplace=True)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._wrapped is not None:
+            vars(self._wrapped).pop("configure_gradient_clipping", None)
+            self._wrapped = None
 
     @override
     def on_train_batch_start(

@@ -15,11 +15,20 @@ from scl_lightning.flops import FlopCounts, count_flops, example_from_batch, mas
 __all__ = ["SparsityMonitor"]
 
 
+def _logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes this batch's step metrics to the loggers (it does so only at its
+    logging steps, after the last micro-batch of an optimizer step)."""
+    if trainer.fit_loop._should_accumulate():
+        return False
+    return bool(getattr(trainer._logger_connector, "should_update_logs", True))
+
+
 class SparsityMonitor(Callback):
     """Log global and layerwise sparsity, and dense and effective FLOPs, during training.
 
-    Logged every ``log_every_n_steps`` optimizer steps and at each training epoch end, through
-    ``pl_module.log`` so every logger receives them:
+    Logged at the Trainer's logging steps (every ``Trainer(log_every_n_steps=...)`` optimizer
+    steps, or every ``log_every_n_steps`` of this callback when that is larger) and at each
+    training epoch end, through ``pl_module.log`` so every logger receives them:
 
     * ``sparsity/global`` (also in the progress bar) and ``sparsity/<layer>`` for each layer;
     * ``flops/dense`` and ``flops/effective`` (one sample's forward pass; one multiply-add counts
@@ -32,7 +41,10 @@ class SparsityMonitor(Callback):
     so the monitor also works on dense baselines. Works with any LightningModule.
 
     Args:
-        log_every_n_steps: logging interval in optimizer steps, ``>= 1``.
+        log_every_n_steps: logging interval in optimizer steps, ``>= 1``; ``None`` follows the
+            Trainer's ``log_every_n_steps``. Lightning writes step metrics to the loggers only
+            at its own logging steps, so an interval that is not a multiple of the Trainer's is
+            rounded up to the next multiple (with a warning) rather than logged stale.
         log_layers: also log one scalar per layer.
         flops: trace and log FLOPs.
         example_input: one input sample batch (batch size 1) for tracing.
@@ -48,12 +60,12 @@ class SparsityMonitor(Callback):
 
     def __init__(
         self,
-        log_every_n_steps: int = 50,
+        log_every_n_steps: int | None = None,
         log_layers: bool = True,
         flops: bool = True,
         example_input: Tensor | None = None,
     ) -> None:
-        if (
+        if log_every_n_steps is not None and (
             isinstance(log_every_n_steps, bool)
             or not isinstance(log_every_n_steps, int)
             or log_every_n_steps < 1
@@ -62,6 +74,7 @@ class SparsityMonitor(Callback):
                 f"log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}"
             )
         self.log_every_n_steps = log_every_n_steps
+        self._interval = 1  # optimizer steps between logs, resolved against the Trainer
         self.log_layers = log_layers
         self.flops = flops
         self.example_input = example_input
@@ -132,6 +145,18 @@ class SparsityMonitor(Callback):
         self._trace(pl_module, batch)
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer_every = max(int(trainer.log_every_n_steps), 1)  # type: ignore[attr-defined]
+        wanted = self.log_every_n_steps or trainer_every
+        self._interval = -(-wanted // trainer_every) * trainer_every  # round up to a multiple
+        if self._interval != wanted:
+            rank_zero_warn(
+                f"SparsityMonitor: log_every_n_steps={wanted} is not a multiple of the Trainer's "
+                f"log_every_n_steps={trainer_every}, whose steps are the only ones Lightning "
+                f"writes to the loggers; logging every {self._interval} steps instead"
+            )
+
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -140,10 +165,16 @@ class SparsityMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if not _logs_this_step(trainer):
+            return
         step = trainer.global_step
-        if step % self.log_every_n_steps == 0 and step != self._last_logged_step:
-            self._last_logged_step = step
-            self._log(pl_module, on_step=True, on_epoch=False)
+        # once per multiple of the interval, and at the first logging step
+        if self._last_logged_step >= 0 and (
+            step // self._interval == self._last_logged_step // self._interval
+        ):
+            return
+        self._last_logged_step = step
+        self._log(pl_module, on_step=True, on_epoch=False)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
