@@ -874,3 +874,13 @@ def test_worker_processes_give_the_same_batches(tmp_path, monkeypatch, cifar10_a
     with_worker = _order(loader)
     dm.num_workers = 0
     assert _order(dm.train_dataloader()) == with_worker
+
+
+def test_batches_that_are_not_uint8_image_batches_pass_unchanged(tmp_path):
+    """Lightning sends the model's float example_input_array through on_after_batch_transfer
+    for its summary; the hook must leave it alone."""
+    dm = CIFAR10DataModule(data_dir=tmp_path, download=False)
+    example = torch.zeros(1, 3, 32, 32)
+    assert dm.on_after_batch_transfer(example, 0) is example
+    pair = (torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+    assert dm.on_after_batch_transfer(pair, 0) is pair

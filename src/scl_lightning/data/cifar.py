@@ -565,7 +565,16 @@ class CIFARDataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Turn a ``(uint8 images, labels)`` batch, already on the model's device, into float32
         normalized images: augmented too while the Trainer is training, normalized only otherwise
-        (validation, test, predict, sanity check, or no Trainer attached)."""
+        (validation, test, predict, sanity check, or no Trainer attached). Anything else (such
+        as the model's float ``example_input_array``, which Lightning also sends through this
+        hook for its summary) passes unchanged."""
+        if not (
+            isinstance(batch, (list, tuple))
+            and len(batch) == 2
+            and isinstance(batch[0], Tensor)
+            and batch[0].dtype == torch.uint8
+        ):
+            return batch
         x, y = batch
         transform = self.batch_transform
         if transform.mean.device != x.device:
