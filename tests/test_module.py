@@ -560,3 +560,13 @@ def test_load_from_checkpoint_of_a_module_backbone_asks_for_it(tmp_path):
         SCLModule.load_from_checkpoint(path)
     loaded = SCLModule.load_from_checkpoint(path, backbone=net())
     assert torch.equal(loaded.masks[0], module.masks[0])
+
+
+def test_progress_bar_shows_lam_and_sparsity(tmp_path):
+    module = SCLModule("lenet_300_100", num_classes=10, input_shape=(1, 8, 8), lam=3e-5)
+    trainer = _trainer(tmp_path, callbacks=[MaskGradientNormalization()])
+    trainer.fit(module, datamodule=DigitsDataModule())
+    shown = trainer.progress_bar_metrics
+    assert shown["lam"] == pytest.approx(3e-5)
+    assert "sparsity/global" in shown
+    assert "lam" not in trainer.logged_metrics  # progress bar only, not sent to the loggers

@@ -261,6 +261,9 @@ class SCLModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/task_loss", task_loss, batch_size=n)
         self.log("train/connections", active, batch_size=n)
+        if self.masks:
+            # the penalty weight, shown next to the sparsity it drives (progress bar only)
+            self.log("lam", self.lam, prog_bar=True, logger=False, batch_size=n)
         if self._log_sparsity:
             self.log(
                 "sparsity/global",

@@ -497,3 +497,10 @@ def test_module_that_builds_layers_in_configure_model(tmp_path):
     trainer = _trainer(tmp_path, callbacks=[SparseConnectivityLearning(target="net")])
     trainer.fit(module, train_dataloaders=_digits_loader())
     assert len(_masks(module.net)) == 2
+
+
+def test_progress_bar_shows_lam(tmp_path):
+    trainer = _trainer(tmp_path, callbacks=[SparseConnectivityLearning(lam=4e-5)])
+    trainer.fit(PlainMLP(scheduler=False), train_dataloaders=_digits_loader())
+    assert trainer.progress_bar_metrics["lam"] == pytest.approx(4e-5)
+    assert "lam" not in trainer.logged_metrics

@@ -268,6 +268,8 @@ class SparseConnectivityLearning(Callback):
         batch_idx: int,
     ) -> None:
         self.monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # the penalty weight, shown next to the sparsity it drives (progress bar only)
+        pl_module.log("lam", self.lam, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
