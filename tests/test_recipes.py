@@ -118,3 +118,73 @@ def test_cifar10_resnet56_recipe_trains_a_few_steps(workdir):
     assert summary["global_step"] == 2
     assert summary["total_connections"] == 848_944  # every conv and linear weight of ResNet-56
     assert summary["dense_flops"] == pytest.approx(126.55e6, rel=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true", "bf16-mixed"])
+def test_cifar_batches_follow_the_trainer_precision(workdir, precision):
+    """Lightning converts inputs for '*-true' precisions before the transfer, while they are
+    still uint8; the data module converts its float output itself."""
+    import lightning.pytorch as pl
+
+    from scl_lightning import SCLModule
+    from scl_lightning.data import CIFAR10DataModule
+
+    _write_cifar10(workdir / "cifar")
+    dm = CIFAR10DataModule(data_dir=workdir / "cifar", batch_size=4, download=False)
+    module = SCLModule("resnet20", num_classes=10, input_shape=(3, 32, 32))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        precision=precision,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+
+
+def _write_image_folder(root: Path, classes: int = 3, per_class: int = 2) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"n0000{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"img{i}.JPEG")
+
+
+def test_imagenet_resnet50_recipe_trains_a_step_with_a_logger(workdir):
+    _write_image_folder(workdir / "imagenet")
+    logger = [
+        {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": "runs", "name": "r50"},
+        }
+    ]
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "imagenet_resnet50.yaml"),
+            f"--trainer.logger={json.dumps(logger)}",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            f"--data.data_dir={workdir / 'imagenet'}",
+            "--data.batch_size=2",
+            "--data.num_workers=0",
+            "--data.image_size=64",
+            "--data.val_resize=72",
+        ]
+    )
+    (path,) = (workdir / "runs").rglob("summary.json")
+    summary = json.loads(path.read_text())
+    assert summary["global_step"] == 1
+    # the class count found on disk (3) reached the model: its classifier has 3 outputs
+    assert summary["layers"][-1]["shape"] == [3, 2048]

@@ -884,3 +884,90 @@ def test_batches_that_are_not_uint8_image_batches_pass_unchanged(tmp_path):
     assert dm.on_after_batch_transfer(example, 0) is example
     pair = (torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
     assert dm.on_after_batch_transfer(pair, 0) is pair
+
+
+class _CraftedDtype:
+    """Pickles as numpy.dtype(spec) followed by a BUILD with an arbitrary state."""
+
+    def __init__(self, spec: str, state: tuple) -> None:
+        self.spec, self.state = spec, state
+
+    def __reduce__(self):
+        return (np.dtype, (self.spec, False, True), self.state)
+
+
+@pytest.mark.parametrize(
+    ("spec", "state", "match"),
+    [
+        # an object dtype: numpy would read the raw bytes of an array as object pointers
+        ("O8", (3, "|", None, None, None, -1, -1, 63), "dtype.*is not allowed"),
+        # a plain dtype whose state claims it holds objects (flags) or changes its item size
+        ("u1", (3, "|", None, None, None, -1, -1, 63), "crafted state"),
+        ("u1", (3, "|", None, None, None, 8, 1, 0), "crafted state"),
+    ],
+)
+def test_restricted_unpickler_refuses_dangerous_dtypes(tmp_path, spec, state, match):
+    from scl_lightning.data._archive import ArchiveError, restricted_pickle_load
+
+    path = tmp_path / "evil"
+    path.write_bytes(pickle.dumps({"labels": [_CraftedDtype(spec, state)]}, protocol=2))
+    with pytest.raises(ArchiveError, match=match):
+        restricted_pickle_load(path)
+
+
+def test_restricted_unpickler_accepts_numpys_own_dtype_state(tmp_path):
+    from scl_lightning.data._archive import restricted_pickle_load
+
+    path = tmp_path / "ok"
+    data = {"data": np.arange(12, dtype=np.uint8).reshape(3, 4), "f": np.ones(2, np.float32)}
+    path.write_bytes(pickle.dumps(data, protocol=2))
+    loaded = restricted_pickle_load(path)
+    assert np.array_equal(loaded["data"], data["data"]) and loaded["f"].dtype == np.float32
+
+
+def _tar_with(tmp_path, add) -> Path:
+    path = tmp_path / "odd.tar"
+    with tarfile.open(path, "w") as tar:
+        add(tar)
+    return path
+
+
+def _file(tar, name: str, data: bytes = b"x") -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _hardlink(tar, name: str, target: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.LNKTYPE
+    info.linkname = target
+    tar.addfile(info)
+
+
+@pytest.mark.parametrize(
+    ("add", "match"),
+    [
+        (lambda t: _hardlink(t, "a", "missing"), "not an earlier file"),
+        (lambda t: (_hardlink(t, "a", "b"), _file(t, "b")), "not an earlier file"),
+        (lambda t: _file(t, "n" * 300), "cannot extract"),
+    ],
+    ids=["hardlink-to-missing", "hardlink-before-target", "name-too-long"],
+)
+def test_odd_archives_end_in_one_archive_error(tmp_path, add, match):
+    from scl_lightning.data._archive import ArchiveError, safe_extract
+
+    archive = _tar_with(tmp_path, add)
+    target = tmp_path / "out"
+    with pytest.raises(ArchiveError, match=match):
+        safe_extract(archive, target)
+    assert not [p for p in target.iterdir() if not p.name.startswith(".extract-")]
+
+
+def test_neighbouring_seeds_do_not_share_epoch_orders():
+    from scl_lightning.data.cifar import EpochShuffleSampler
+
+    a, b = EpochShuffleSampler(range(100), seed=0), EpochShuffleSampler(range(100), seed=1)
+    a.set_epoch(1)
+    b.set_epoch(0)
+    assert list(a) != list(b)

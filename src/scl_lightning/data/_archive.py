@@ -204,8 +204,17 @@ def safe_extract(archive: str | os.PathLike[str], target: str | os.PathLike[str]
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
+            files: set[str] = set()
             for member in members:
                 _check_member(member, root, archive)
+                if member.islnk() and os.path.normpath(member.linkname) not in files:
+                    raise ArchiveError(
+                        f"refusing to extract {archive}: member {member.name!r} is a hard link "
+                        f"to {member.linkname!r}, which is not an earlier file of the archive; "
+                        f"the archive is corrupt or malicious: delete it and download it again"
+                    )
+                if member.isfile():
+                    files.add(os.path.normpath(member.name))
             tmp = tempfile.mkdtemp(prefix=".extract-", dir=root)
             try:
                 if hasattr(tarfile, "data_filter"):
@@ -237,6 +246,13 @@ def safe_extract(archive: str | os.PathLike[str], target: str | os.PathLike[str]
             f"cannot read {archive}: it is truncated or corrupt ({type(err).__name__}: {err}); "
             f"delete it and download it again"
         ) from err
+    except (OSError, KeyError) as err:
+        # e.g. a name too long for the file system, or links that clash with each other
+        raise ArchiveError(
+            f"cannot extract {archive} into {target} ({type(err).__name__}: {err}); if the "
+            f"archive is the official one, check the disk and permissions, else delete it and "
+            f"download it again"
+        ) from err
     return tops
 
 
@@ -249,6 +265,18 @@ def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     return codecs.encode(text, encoding)
 
 
+def _plain_dtype(*args: Any) -> np.dtype:
+    """``numpy.dtype`` limited to plain numbers: no object, void, string or structured dtypes,
+    whose raw bytes numpy would read as pointers or fields."""
+    try:
+        dtype = np.dtype(*args)
+    except (TypeError, ValueError) as err:
+        raise pickle.UnpicklingError(f"bad numpy dtype {args!r}: {err}") from None
+    if dtype.kind not in "biuf" or dtype.hasobject or dtype.fields or dtype.subdtype:
+        raise pickle.UnpicklingError(f"numpy dtype {dtype!r} is not allowed")
+    return dtype
+
+
 def _numpy_globals() -> dict[tuple[str, str], Any]:
     """The callables a pickled numpy array refers to, under every module path numpy has used."""
     probe = np.zeros(1, dtype=np.uint8)
@@ -256,7 +284,7 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
     frombuffer = probe.__reduce_ex__(5)[0]  # numpy.(_)core.numeric._frombuffer (protocol 5)
     allowed: dict[tuple[str, str], Any] = {
         ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "dtype"): _plain_dtype,
         # Python 3 writes bytes as _codecs.encode(str, "latin1") in pickle protocols 0-2.
         ("_codecs", "encode"): _latin1_encode,
         # and b"" as bytes() in those protocols
@@ -269,15 +297,29 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(pickle._Unpickler):
     """Unpickler that resolves only the globals needed to rebuild numpy arrays.
 
     Containers, strings, bytes and numbers need no globals at all; anything else (``os.system``,
     ``builtins.eval``, arbitrary classes) raises :class:`pickle.UnpicklingError` before it can be
-    called.
+    called. Numpy dtypes are limited to plain numbers, and a dtype's state may only be the one
+    numpy itself writes for it: a crafted state (flags saying "holds objects", a changed item
+    size) would make numpy read raw bytes as pointers. This is the pure-Python unpickler, whose
+    BUILD opcode can be checked; the CIFAR files are a few large byte strings, so it is fast.
     """
 
     _allowed = _numpy_globals()
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_build(self) -> None:
+        state, inst = self.stack[-1], self.stack[-2]
+        if isinstance(inst, np.dtype) and state != inst.__reduce__()[2]:
+            raise pickle.UnpicklingError(
+                f"numpy dtype {inst!r} with a crafted state is not allowed"
+            )
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
         try:

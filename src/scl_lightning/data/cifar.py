@@ -154,8 +154,12 @@ class EpochShuffleSampler(RandomSampler):
 
     def __iter__(self) -> Any:
         generator = torch.Generator()
-        # The same seed + epoch rule as torch's DistributedSampler.
-        generator.manual_seed(self.seed + self.epoch)
+        # Mix (seed, epoch) rather than add them (torch's DistributedSampler adds, so seed s at
+        # epoch e + 1 would repeat seed s + 1 at epoch e and multi-seed studies would share
+        # orders).
+        generator.manual_seed(
+            int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        )
         self.epoch += 1
         return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
 
@@ -586,7 +590,13 @@ class CIFARDataModule(LightningDataModule):
         if training and trainer is not None:
             rank, epoch = trainer.global_rank, trainer.current_epoch
             generator = self._augment_generator(x.device, rank, epoch)
-        return transform(x, generator=generator), y
+        batch = (transform(x, generator=generator), y)
+        # Lightning converts inputs for "*-true" precisions before the transfer, when they were
+        # still uint8: convert the float images now (a no-op for 32-true and *-mixed).
+        plugin = getattr(trainer, "precision_plugin", None)
+        if plugin is not None:
+            batch = plugin.convert_input(batch)
+        return batch
 
 
 class CIFAR10DataModule(CIFARDataModule):

@@ -596,7 +596,10 @@ class ImageNetDataModule(LightningDataModule):
             )
         if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
             raise ValueError(f"num_classes must be None or a positive integer, got {num_classes!r}")
-        self.save_hyperparameters()
+        # num_classes may be None here and is counted below; the CLI links the count into the
+        # model, whose hparams record it. Saving the None here too would make Lightning refuse
+        # to log the two together ("different values").
+        self.save_hyperparameters(ignore=["num_classes"])
 
         self.data_dir = Path(data_dir).expanduser()
         self.batch_size = int(batch_size)
@@ -749,5 +752,10 @@ class ImageNetDataModule(LightningDataModule):
         ):
             images, labels = batch
             normalized = [self.normalize(images), labels]
-            return normalized if isinstance(batch, list) else tuple(normalized)
+            batch = normalized if isinstance(batch, list) else tuple(normalized)
+            # Lightning converts inputs for "*-true" precisions before the transfer, when they
+            # were still uint8: convert the float images now (no-op for 32-true and *-mixed).
+            plugin = getattr(self.trainer, "precision_plugin", None)
+            if plugin is not None:
+                batch = plugin.convert_input(batch)
         return batch
