@@ -355,3 +355,14 @@ def test_read_metrics_as_lightning_writes_it(tmp_path):
     assert metrics.epoch_ends() == {0: 9.0, 1: 19.0}
     path.write_text("epoch,val/acc\n0,0.5\n1,0.75\n")
     assert report.read_metrics(path).series("val/acc") == ([0.0, 1.0], [0.5, 0.75])
+
+
+def test_scl_command_dispatches_report(run_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        scl_main(["report", str(run_dir)])
+    assert exc.value.code == 0
+    assert (run_dir / "report" / "report.md").is_file()
+    with pytest.raises(SystemExit) as exc:
+        scl_main(["report", str(run_dir / "nope")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("scl report: error:")

@@ -4,13 +4,30 @@ from __future__ import annotations
 
 import netrc
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["WandbLogger", "wandb_credentials_available"]
+__all__ = ["WandbLogger", "active_wandb_loggers", "wandb_credentials_available"]
+
+
+def active_wandb_loggers(loggers: Iterable[Logger]) -> list[_LightningWandbLogger]:
+    """The W&B loggers among ``loggers`` (Lightning's ``WandbLogger`` or a subclass) whose run is
+    not disabled (``WANDB_MODE=disabled``).
+
+    Call it on rank zero only: it starts each logger's W&B run (``logger.experiment``) if the
+    run has not started yet. Needs no ``import wandb`` when no W&B logger is present.
+    """
+    return [
+        logger
+        for logger in loggers
+        if isinstance(logger, _LightningWandbLogger)
+        and not getattr(logger.experiment, "disabled", False)
+    ]
 
 
 def wandb_credentials_available() -> bool:

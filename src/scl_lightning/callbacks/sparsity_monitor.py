@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -11,8 +11,20 @@ from torch import Tensor
 from typing_extensions import override
 
 from scl_lightning.flops import FlopCounts, count_flops, example_from_batch, maskable_connectivity
+from scl_lightning.loggers import active_wandb_loggers
 
 __all__ = ["SparsityMonitor"]
+
+#: columns of :meth:`SparsityMonitor.layer_table` and of the W&B table ``sparsity/layers``
+LAYER_COLUMNS = (
+    "layer",
+    "shape",
+    "connections",
+    "active",
+    "sparsity",
+    "dense_flops",
+    "effective_flops",
+)
 
 
 def _logs_this_step(trainer: pl.Trainer) -> bool:
@@ -21,6 +33,13 @@ def _logs_this_step(trainer: pl.Trainer) -> bool:
     if trainer.fit_loop._should_accumulate():
         return False
     return bool(getattr(trainer._logger_connector, "should_update_logs", True))
+
+
+def _epoch_end_step(trainer: pl.Trainer) -> int:
+    """The step Lightning logs a training epoch's end metrics at (one less than the optimizer
+    steps taken so far: see ``FitLoop.on_advance_end``), so W&B media line up with them."""
+    stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+    return max(int(stepped) - 1, 0)
 
 
 class SparsityMonitor(Callback):
@@ -40,6 +59,17 @@ class SparsityMonitor(Callback):
     layer's dense count by its active fraction. Layers that are not masked count as fully active,
     so the monitor also works on dense baselines. Works with any LightningModule.
 
+    With a W&B logger (Lightning's ``WandbLogger`` or :class:`scl_lightning.loggers.WandbLogger`)
+    among the Trainer's loggers, each training epoch end also logs, on rank zero, at the
+    ``trainer/global_step`` of that epoch's end metrics:
+
+    * ``sparsity/layers``: a ``wandb.Table`` with one row per layer and the columns of
+      :meth:`layer_table` (``dense_flops``/``effective_flops`` are empty without FLOPs);
+    * ``sparsity/layers_bar``: a bar chart of each layer's sparsity (its data is logged by
+      W&B as the table ``sparsity/layers_bar_table``).
+
+    Other loggers get the scalars only, and ``wandb`` is then never imported.
+
     Args:
         log_every_n_steps: logging interval in optimizer steps, ``>= 1``; ``None`` follows the
             Trainer's ``log_every_n_steps``. Lightning writes step metrics to the loggers only
@@ -48,6 +78,7 @@ class SparsityMonitor(Callback):
         log_layers: also log one scalar per layer.
         flops: trace and log FLOPs.
         example_input: one input sample batch (batch size 1) for tracing.
+        wandb_table: log the W&B per-layer table and bar chart when a W&B logger is present.
 
     Raises:
         ValueError: for a non-positive ``log_every_n_steps``.
@@ -64,6 +95,7 @@ class SparsityMonitor(Callback):
         log_layers: bool = True,
         flops: bool = True,
         example_input: Tensor | None = None,
+        wandb_table: bool = True,
     ) -> None:
         if log_every_n_steps is not None and (
             isinstance(log_every_n_steps, bool)
@@ -78,6 +110,7 @@ class SparsityMonitor(Callback):
         self.log_layers = log_layers
         self.flops = flops
         self.example_input = example_input
+        self.wandb_table = wandb_table
         self.flop_counts: FlopCounts | None = None
         self._flops_failed = False
         self._last_logged_step = -1
@@ -103,6 +136,57 @@ class SparsityMonitor(Callback):
             if self.log_layers:
                 metrics.update({f"flops/effective/{n}": f for n, f in eff_layers.items()})
         return metrics
+
+    def layer_table(self, pl_module: pl.LightningModule) -> list[dict[str, Any]]:
+        """One row per maskable layer, with the keys of ``LAYER_COLUMNS``: qualified ``layer``
+        name, weight ``shape`` (e.g. ``"300x64"``), ``connections`` (weights), ``active``
+        (unmasked weights), ``sparsity``, and one sample's ``dense_flops`` and
+        ``effective_flops`` (``None`` until FLOPs are traced, or with ``flops=False``)."""
+        conn = maskable_connectivity(pl_module)
+        counts = self.flop_counts
+        effective: dict[str, float] = {}
+        if counts is not None:
+            _, effective = counts.effective({n: a / t for n, (a, t) in conn.items()})
+        rows = []
+        for name, (active, total) in conn.items():
+            weight = cast(Tensor, pl_module.get_submodule(name).weight)
+            rows.append(
+                {
+                    "layer": name,
+                    "shape": "x".join(str(s) for s in weight.shape),
+                    "connections": total,
+                    "active": active,
+                    "sparsity": 1.0 - active / total,
+                    "dense_flops": counts.layers.get(name) if counts is not None else None,
+                    "effective_flops": effective.get(name),
+                }
+            )
+        return rows
+
+    def _log_wandb(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.wandb_table or not trainer.is_global_zero:
+            return
+        loggers = active_wandb_loggers(trainer.loggers)
+        if not loggers:
+            return
+        rows = self.layer_table(pl_module)
+        if not rows:
+            return
+        import wandb  # only here: other loggers must work without it
+
+        data = [[row[c] for c in LAYER_COLUMNS] for row in rows]
+        bar_data = [[row["layer"], row["sparsity"]] for row in rows]
+        for logger in loggers:
+            # through the logger, so its prefix and the `trainer/global_step` axis apply
+            table = wandb.Table(columns=list(LAYER_COLUMNS), data=data)
+            bar = wandb.plot.bar(
+                wandb.Table(columns=["layer", "sparsity"], data=bar_data),
+                "layer",
+                "sparsity",
+                title="Layerwise sparsity",
+            )
+            media: dict[str, Any] = {"sparsity/layers": table, "sparsity/layers_bar": bar}
+            logger.log_metrics(media, step=_epoch_end_step(trainer))
 
     def _trace(self, pl_module: pl.LightningModule, batch: Any) -> None:
         if not self.flops or self.flop_counts is not None or self._flops_failed:
@@ -179,6 +263,7 @@ class SparsityMonitor(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log(pl_module, on_step=False, on_epoch=True)
+        self._log_wandb(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -312,14 +312,14 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def load_build(self) -> None:
-        state, inst = self.stack[-1], self.stack[-2]
+        state, inst = self.stack[-1], self.stack[-2]  # type: ignore[attr-defined]
         if isinstance(inst, np.dtype) and state != inst.__reduce__()[2]:
             raise pickle.UnpicklingError(
                 f"numpy dtype {inst!r} with a crafted state is not allowed"
             )
-        super().load_build()
+        super().load_build()  # type: ignore[misc]
 
-    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.BUILD[0]] = load_build  # type: ignore[assignment]
 
     def find_class(self, module: str, name: str) -> Any:
         try:

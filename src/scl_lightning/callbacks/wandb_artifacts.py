@@ -1,0 +1,210 @@
+"""WandbArtifacts: the final checkpoint and the pruned model as W&B artifacts at the end of fit."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from scl_lightning.flops import maskable_connectivity
+from scl_lightning.loggers import active_wandb_loggers
+from scl_lightning.nn.sparsify import export_pruned, masked_modules
+
+__all__ = ["WandbArtifacts"]
+
+_MAX_METADATA_KEYS = 100
+
+
+def _free_path(directory: Path, filename: str) -> Path:
+    """``directory / filename``, or a numbered variant of it that does not exist yet."""
+    path = directory / filename
+    stem, suffix, n = path.stem, path.suffix, 1
+    while path.exists():
+        path = directory / f"{stem}-{n}{suffix}"
+        n += 1
+    return path
+
+
+class WandbArtifacts(Callback):
+    """At the end of ``fit``, log the final checkpoint and the pruned model as W&B artifacts.
+
+    For every W&B logger among the Trainer's loggers (Lightning's ``WandbLogger`` or
+    :class:`scl_lightning.loggers.WandbLogger`; runs with ``WANDB_MODE=disabled`` are skipped),
+    on rank zero:
+
+    * ``model-<run id>`` (type ``model``): the final checkpoint, the first ``ModelCheckpoint``'s
+      ``last_model_path`` (or ``best_model_path`` without ``save_last``). Skipped when the logger
+      was built with ``log_model``, which makes Lightning upload checkpoints itself under the
+      same name.
+    * ``pruned-model-<run id>`` (type ``model``): the state dict of
+      :func:`scl_lightning.export_pruned` applied to the module's ``model`` attribute (the
+      backbone of an :class:`~scl_lightning.SCLModule`) or, without one, to the module itself.
+      It is a plain ``{name: tensor}`` dict, loadable with ``torch.load(..., weights_only=True)``
+      and with ``strict=True`` into the never-masked architecture; it is also written to the run
+      directory (``trainer.log_dir``) as ``filename``, under a numbered name if that exists.
+      Skipped, with a one-line message, when the network has no masked layer (a dense
+      baseline).
+
+    Both carry the epoch, global step, connection counts and the last logged scalar metrics as
+    metadata. Online, W&B uploads them in the background before the run finishes. Offline,
+    the files are copied into the offline run directory
+    (``<save_dir>/wandb/offline-run-*/artifacts/<artifact name>/``) and the artifact points at
+    those copies, so ``wandb sync`` of that directory uploads them. Without a W&B logger the
+    callback does nothing and never imports ``wandb``. The ``scl`` command adds it to every
+    ``fit`` that has a W&B logger.
+
+    Args:
+        checkpoint: log the final checkpoint.
+        pruned_model: export and log the pruned model.
+        filename: file name of the pruned state dict in the run directory.
+
+    Raises:
+        ValueError: if ``filename`` does not end in ``.pt``/``.pth`` or contains a directory.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(callbacks=[WandbArtifacts()], logger=False)
+    """
+
+    def __init__(
+        self,
+        checkpoint: bool = True,
+        pruned_model: bool = True,
+        filename: str = "pruned_state_dict.pt",
+    ) -> None:
+        if (
+            not isinstance(filename, str)
+            or not filename.endswith((".pt", ".pth"))
+            or Path(filename).name != filename
+        ):
+            raise ValueError(
+                f"filename must be a bare file name ending in .pt or .pth, got {filename!r}"
+            )
+        self.checkpoint = checkpoint
+        self.pruned_model = pruned_model
+        self.filename = filename
+        self.pruned_path: Path | None = None
+        self.logged: list[Any] = []  # the wandb.Artifact objects logged by the last fit
+
+    @staticmethod
+    def network(pl_module: pl.LightningModule) -> nn.Module:
+        """The network to export: the module's ``model`` attribute, or the module itself."""
+        model = getattr(pl_module, "model", None)
+        return model if isinstance(model, nn.Module) else pl_module
+
+    @staticmethod
+    def final_checkpoint(trainer: pl.Trainer) -> Path | None:
+        """The first ``ModelCheckpoint``'s last checkpoint (or its best one), if it exists."""
+        callback = trainer.checkpoint_callback
+        if not isinstance(callback, ModelCheckpoint):
+            return None
+        for path in (callback.last_model_path, callback.best_model_path):
+            if path and Path(path).is_file():
+                return Path(path)
+        return None
+
+    def export(self, pl_module: pl.LightningModule, directory: Path) -> Path | None:
+        """Write the pruned network's state dict into ``directory``; ``None`` for a network
+        without masked layers."""
+        net = self.network(pl_module)
+        if not any(True for _ in masked_modules(net)):
+            rank_zero_info(
+                f"WandbArtifacts: {type(net).__name__} has no masked layer (a dense baseline?); "
+                "not exporting a pruned model"
+            )
+            return None
+        state = {
+            name: tensor.detach().cpu().clone()
+            for name, tensor in export_pruned(net).state_dict().items()
+        }
+        directory.mkdir(parents=True, exist_ok=True)
+        path = _free_path(directory, self.filename)
+        torch.save(state, path)
+        return path
+
+    def _metadata(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        conn = maskable_connectivity(self.network(pl_module))
+        active = sum(a for a, _ in conn.values())
+        total = sum(t for _, t in conn.values())
+        metadata: dict[str, Any] = {
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "active_connections": active,
+            "total_connections": total,
+            "sparsity": 1.0 - active / total if total else 0.0,
+        }
+        for key, value in trainer.callback_metrics.items():
+            # per-layer scalars are in the run's tables; W&B allows at most 100 metadata keys
+            per_layer = key.startswith("flops/effective/") or (
+                key.startswith("sparsity/") and key != "sparsity/global"
+            )
+            if per_layer or len(metadata) >= _MAX_METADATA_KEYS:
+                continue
+            if isinstance(value, Tensor) and value.numel() == 1:
+                metadata[key] = float(value.detach().cpu())
+        return metadata
+
+    @staticmethod
+    def _log_artifact(
+        run: Any, name: str, path: Path, metadata: dict[str, Any], description: str
+    ) -> Any:
+        import wandb
+
+        artifact = wandb.Artifact(name, type="model", description=description, metadata=metadata)
+        if run.offline:
+            # W&B would stage a copy outside the run (under $WANDB_DATA_DIR); keep it inside, so
+            # the offline run directory holds everything `wandb sync` needs
+            staged = Path(run.dir).resolve().parent / "artifacts" / name / path.name
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, staged)
+            artifact.add_file(str(staged), name=path.name, policy="immutable")
+        else:
+            artifact.add_file(str(path), name=path.name)
+        return run.log_artifact(artifact, aliases=["latest", "final"])
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # `trainer.log_dir` broadcasts from rank zero: every rank reads it before returning
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero:
+            return
+        loggers = active_wandb_loggers(trainer.loggers)
+        if not loggers:
+            return
+        checkpoint = self.final_checkpoint(trainer) if self.checkpoint else None
+        if self.checkpoint and checkpoint is None:
+            rank_zero_info("WandbArtifacts: no checkpoint file found; not logging a checkpoint")
+        self.pruned_path = self.export(pl_module, directory) if self.pruned_model else None
+        metadata = self._metadata(trainer, pl_module)
+        self.logged = []
+        for logger in loggers:
+            run = logger.experiment
+            if checkpoint is not None and not getattr(logger, "_log_model", False):
+                self.logged.append(
+                    self._log_artifact(
+                        run,
+                        f"model-{run.id}",
+                        checkpoint,
+                        metadata,
+                        "final Lightning checkpoint (weights and masks)",
+                    )
+                )
+            if self.pruned_path is not None:
+                self.logged.append(
+                    self._log_artifact(
+                        run,
+                        f"pruned-model-{run.id}",
+                        self.pruned_path,
+                        {**metadata, "network": type(self.network(pl_module)).__qualname__},
+                        "state dict of scl_lightning.export_pruned(network): plain tensors, "
+                        "loads with strict=True into the never-masked architecture",
+                    )
+                )
