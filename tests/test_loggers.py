@@ -118,3 +118,15 @@ def test_wandb_mode_variable_wins(
 def test_explicit_offline(no_credentials, tmp_path, offline):
     # offline=False forces online even without credentials (wandb then asks for them)
     assert WandbLogger(save_dir=tmp_path, offline=offline)._offline is offline
+
+
+def test_automatic_offline_turns_log_model_off(tmp_path, monkeypatch):
+    """Lightning refuses log_model with an offline run; when offline was decided for lack of
+    credentials, the logger drops log_model instead of failing."""
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    logger = WandbLogger(save_dir=tmp_path, log_model=True)
+    assert logger._offline and logger._log_model is False
+    with pytest.raises(Exception, match="log_model=True and offline=True"):
+        WandbLogger(save_dir=tmp_path, log_model=True, offline=True)  # the user's own choice

@@ -112,6 +112,10 @@ def main(args: list[str] | None = None) -> None:
             seed_everything_default=0,
             auto_configure_optimizers=False,
             save_config_callback=SaveConfigToWandb,
+            parser_kwargs={
+                "description": "Sparse Connectivity Learning with Lightning. Also: "
+                "`scl report RUN_DIR` writes plots and a Markdown summary of a finished run."
+            },
             args=args,
         )
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:

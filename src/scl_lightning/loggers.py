@@ -84,6 +84,15 @@ class WandbLogger(_LightningWandbLogger):
                     "W&B: no credentials found (WANDB_API_KEY or `wandb login`); logging offline "
                     f"under {Path(save_dir) / 'wandb'}. Upload later with `wandb sync`."
                 )
+            if offline and log_model:
+                # Lightning refuses log_model with an offline run; offline was our choice, not
+                # the user's, so drop checkpoint uploads rather than fail (WandbArtifacts still
+                # stores the final checkpoint with the offline run).
+                rank_zero_info(
+                    "W&B: running offline, so log_model is turned off; the final checkpoint is "
+                    "still stored with the run by the WandbArtifacts callback of `scl fit`."
+                )
+                log_model = False
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(
             name=name,
