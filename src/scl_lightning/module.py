@@ -276,12 +276,13 @@ class SCLModule(pl.LightningModule):
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         _, loss, bs = self._shared_step(batch, "val")
-        self.log("val/loss", loss, prog_bar=True, batch_size=bs)
+        # each DDP rank validates its own shard: average the loss over all of them
+        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         _, loss, bs = self._shared_step(batch, "test")
-        self.log("test/loss", loss, batch_size=bs)
+        self.log("test/loss", loss, batch_size=bs, sync_dist=True)
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

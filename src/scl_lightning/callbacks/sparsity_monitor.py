@@ -262,7 +262,9 @@ class SparsityMonitor(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(pl_module, on_step=False, on_epoch=True)
+        # Identical on every rank (DDP keeps the masks in agreement); sync_dist reduces them
+        # once per epoch, cheaply, and keeps Lightning from warning about epoch-level logs.
+        self._log(pl_module, on_step=False, on_epoch=True, sync_dist=True)
         self._log_wandb(trainer, pl_module)
 
     @override
