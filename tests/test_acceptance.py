@@ -77,7 +77,7 @@ def test_scl_recipe_prunes_90_percent_within_one_point_of_dense(results) -> None
     assert _median(results["scl"], "sparsity") >= 0.90
     gap = _median(results["dense"], "val_acc") - _median(results["scl"], "val_acc")
     assert gap <= 0.010
-    assert _median(results["scl"], "train_time_s") < 60
+    # (training time is a benchmark figure, reported by bench/digits_recipes.py, not a test)
 
 
 def test_without_normalization_the_recipe_does_not_prune(results) -> None:

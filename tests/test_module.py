@@ -9,6 +9,7 @@ from lightning.pytorch import Callback, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from _helpers import quiet_trainer
 from scl_lightning import SCLModule, global_sparsity, masked_modules
 from scl_lightning.callbacks import MaskGradientNormalization, SparsityMonitor
 from scl_lightning.data import DigitsDataModule
@@ -20,19 +21,7 @@ SMALL = {"input_shape": (1, 8, 8), "backbone_kwargs": {"hidden": [16]}}
 
 
 def _trainer(tmp_path, **kwargs) -> Trainer:
-    defaults = {
-        "max_epochs": 1,
-        "limit_train_batches": 3,
-        "limit_val_batches": 2,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-        "accelerator": "cpu",
-    }
-    defaults.update(kwargs)
-    return Trainer(**defaults)
+    return quiet_trainer(tmp_path, **{"limit_val_batches": 2, **kwargs})
 
 
 def _random_loader(num_classes: int = 10, n: int = 32) -> DataLoader:

@@ -3,10 +3,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from _helpers import quiet_trainer
 from scl_lightning import masked_modules, sparsify
 from scl_lightning.callbacks import MaskGradientNormalization
 
@@ -44,19 +45,7 @@ def _sparse_model() -> TinyClassifier:
     return model
 
 
-def _trainer(tmp_path, **kwargs) -> Trainer:
-    defaults = {
-        "max_epochs": 1,
-        "limit_train_batches": 3,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-        "accelerator": "cpu",
-    }
-    defaults.update(kwargs)
-    return Trainer(**defaults)
+_trainer = quiet_trainer
 
 
 def _masks(module: nn.Module) -> list[nn.Parameter]:

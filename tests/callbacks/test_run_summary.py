@@ -8,6 +8,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from _helpers import quiet_trainer
 from scl_lightning import sparsify
 from scl_lightning.callbacks import RunSummary
 
@@ -67,19 +68,8 @@ def _pruned_model() -> TinyClassifier:
 
 
 def _trainer(tmp_path, **kwargs) -> Trainer:
-    defaults = {
-        "max_epochs": 1,
-        "limit_train_batches": 3,
-        "limit_val_batches": 2,
-        "logger": CSVLogger(tmp_path, name="run", version=0),
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-        "accelerator": "cpu",
-    }
-    defaults.update(kwargs)
-    return Trainer(**defaults)
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    return quiet_trainer(tmp_path, **{"limit_val_batches": 2, "logger": logger, **kwargs})
 
 
 def test_writes_summary_json(tmp_path):

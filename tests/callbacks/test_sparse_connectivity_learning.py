@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from _helpers import quiet_trainer
 from scl_lightning import SCLModule, global_sparsity, masked_modules, sparsify
 from scl_lightning.callbacks import MaskGradientNormalization, SparseConnectivityLearning
 from scl_lightning.data import DigitsDataModule
@@ -52,19 +53,7 @@ class PlainMLP(LightningModule):
 
 
 def _trainer(tmp_path, **kwargs) -> Trainer:
-    defaults = {
-        "max_epochs": 1,
-        "limit_train_batches": 3,
-        "limit_val_batches": 0,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-        "accelerator": "cpu",
-    }
-    defaults.update(kwargs)
-    return Trainer(**defaults)
+    return quiet_trainer(tmp_path, **{"limit_val_batches": 0, **kwargs})
 
 
 def _digits_loader(n: int = 320) -> DataLoader:

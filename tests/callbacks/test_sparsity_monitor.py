@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import scl_lightning.callbacks.sparsity_monitor as sparsity_monitor_module
+from _helpers import quiet_trainer
 from scl_lightning import sparsify
 from scl_lightning.callbacks import SparsityMonitor
 from scl_lightning.flops import count_flops
@@ -64,19 +65,7 @@ def _pruned_model() -> TinyClassifier:
     return model
 
 
-def _trainer(tmp_path, **kwargs) -> Trainer:
-    defaults = {
-        "max_epochs": 1,
-        "limit_train_batches": 3,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-        "accelerator": "cpu",
-    }
-    defaults.update(kwargs)
-    return Trainer(**defaults)
+_trainer = quiet_trainer
 
 
 def _metrics(trainer: Trainer) -> dict[str, float]:

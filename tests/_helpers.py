@@ -1,0 +1,25 @@
+"""Helpers shared by the test files (not a test module: pytest collects only ``test_*.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer
+
+
+def quiet_trainer(tmp_path: Path, **overrides: Any) -> Trainer:
+    """A small, silent CPU Trainer in the style of Lightning's own callback tests: one epoch of
+    three batches, no logger, checkpoints, progress bar or model summary; ``overrides`` win."""
+    settings: dict[str, Any] = {
+        "max_epochs": 1,
+        "limit_train_batches": 3,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+        "accelerator": "cpu",
+    }
+    settings.update(overrides)
+    return Trainer(**settings)
