@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
 
 
 def quiet_trainer(tmp_path: Path, **overrides: Any) -> Trainer:
@@ -23,3 +25,14 @@ def quiet_trainer(tmp_path: Path, **overrides: Any) -> Trainer:
     }
     settings.update(overrides)
     return Trainer(**settings)
+
+
+class SlowDown(Callback):
+    """Sleeps after every training batch, so a test can kill a run while it trains. Changes no
+    number: the run's results are those of a run without it."""
+
+    def __init__(self, seconds: float = 0.02) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        time.sleep(self.seconds)

@@ -141,7 +141,7 @@ def test_print_config(workdir, capsys):
     assert config["model"]["mask_lr"] == 0.01
     assert config["data"]["class_path"] == "scl_lightning.data.DigitsDataModule"
     loggers = config["trainer"]["logger"]
-    assert [lg["class_path"] for lg in loggers] == ["lightning.pytorch.loggers.CSVLogger"]
+    assert [lg["class_path"] for lg in loggers] == ["scl_lightning.loggers.CSVLogger"]
     assert not (workdir / "runs").exists()
 
 

@@ -6,6 +6,8 @@ on ``task loss + lambda * (number of active connections)`` (Tang et al., arXiv 2
 """
 
 from scl_lightning import callbacks
+from scl_lightning.checkpoint import SafeCheckpointIO, load_checkpoint
+from scl_lightning.export import load_pruned, save_pruned
 from scl_lightning.module import SCLModule
 from scl_lightning.nn import (
     connection_count,
@@ -20,12 +22,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SCLModule",
+    "SafeCheckpointIO",
     "__version__",
     "callbacks",
     "connection_count",
     "export_pruned",
     "global_sparsity",
     "layer_sparsity",
+    "load_checkpoint",
+    "load_pruned",
     "masked_modules",
+    "save_pruned",
     "sparsify",
 ]

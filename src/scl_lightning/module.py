@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from scl_lightning.callbacks.mask_grad_norm import MaskGradientNormalization
 from scl_lightning.callbacks.sparsity_monitor import SparsityMonitor
+from scl_lightning.checkpoint import CheckpointError, check_compatible
 from scl_lightning.flops import maskable_connectivity
 from scl_lightning.models import create_model
 from scl_lightning.nn.masked import validate_mask_init
@@ -24,6 +25,7 @@ from scl_lightning.nn.stats import connection_count
 from scl_lightning.nn.ste import get_ste
 from scl_lightning.training import (
     MASK_GROUP_KEY,
+    LayerCollapseGuard,
     attach_mask_group,
     drop_mask_grads,
     mask_parameters,
@@ -82,6 +84,10 @@ class SCLModule(pl.LightningModule):
         mask_lr: learning rate of the masks, ``> 0``.
         warmup_epochs: dense warm-up: masks do not learn (and no penalty) before this epoch.
         freeze_masks_epoch: fine-tune phase: masks are frozen from this epoch on.
+        min_connections_per_layer: no masked layer is left with fewer active connections (its
+            strongest masks are raised back above zero); ``0`` only warns, once per layer, when
+            a layer loses every connection and cuts the network in two. See
+            :class:`~scl_lightning.training.LayerCollapseGuard`.
 
     Raises:
         ValueError: for an invalid argument (the message names it and the bad value).
@@ -116,6 +122,7 @@ class SCLModule(pl.LightningModule):
         mask_lr: float = 0.01,
         warmup_epochs: int = 0,
         freeze_masks_epoch: int | None = None,
+        min_connections_per_layer: int = 0,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -125,6 +132,7 @@ class SCLModule(pl.LightningModule):
         if penalty not in ("count", "density"):
             raise ValueError(f"penalty must be 'count' or 'density', got {penalty!r}")
         validate_phases(warmup_epochs, freeze_masks_epoch)
+        self._collapse = LayerCollapseGuard(min_connections_per_layer)
         if lr_reference_batch_size is not None and (
             isinstance(lr_reference_batch_size, bool)
             or not isinstance(lr_reference_batch_size, int)
@@ -185,13 +193,17 @@ class SCLModule(pl.LightningModule):
         self._log_sparsity = True
         for stage in ("train", "val", "test"):
             # average="micro": the usual top-k accuracy (torchmetrics defaults to per-class macro)
-            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
+            metrics = {f"{stage}_acc": MulticlassAccuracy(num_classes, average="micro")}
             if num_classes >= 5:
-                setattr(
-                    self,
-                    f"{stage}_acc_top5",
-                    MulticlassAccuracy(num_classes, top_k=5, average="micro"),
+                metrics[f"{stage}_acc_top5"] = MulticlassAccuracy(
+                    num_classes, top_k=5, average="micro"
                 )
+            for name, metric in metrics.items():
+                if stage == "train":
+                    # in checkpoints, so a run resumed mid-epoch reports the epoch's accuracy
+                    # over all of its batches, not just those after the resume
+                    metric.persistent(True)
+                setattr(self, name, metric)
 
     @property
     def masks(self) -> list[nn.Parameter]:
@@ -272,6 +284,31 @@ class SCLModule(pl.LightningModule):
                 batch_size=n,
             )
         return loss
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # before Lightning loads the state dict: a checkpoint of another model gets one clear
+        # line instead of load_state_dict's list of every missing and unexpected key
+        trainer = self._trainer
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        source = f"checkpoint {path}" if path else "the checkpoint"
+        trained = checkpoint.get("hyper_parameters", {}).get("backbone")
+        here = self.hparams.get("backbone")
+        if isinstance(trained, str) and isinstance(here, str) and trained != here:
+            raise CheckpointError(
+                f"{source} was trained with backbone {trained!r} and this run builds {here!r}; "
+                f"pass --model.backbone {trained} (or the checkpoint of a {here} run)"
+            )
+        check_compatible(self.state_dict(), checkpoint.get("state_dict", {}), source)
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.masks_learning:
+            return
+        # the floor is enforced after every step; collapse alone is looked for at log steps
+        every = max(1, int(self.trainer.log_every_n_steps))  # type: ignore[attr-defined]
+        if self._collapse.min_connections or self.trainer.global_step % every == 0:
+            self._collapse.check(self.model, warn=self.trainer.is_global_zero)
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -14,6 +15,8 @@ from scl_lightning.nn.sparsify import masked_modules
 
 __all__ = [
     "MASK_GROUP_KEY",
+    "LayerCollapseGuard",
+    "LayerCollapseWarning",
     "attach_mask_group",
     "drop_mask_grads",
     "mask_parameters",
@@ -150,3 +153,84 @@ def validate_positive(name: str, value: float, *, allow_zero: bool = False) -> f
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)
+
+
+class LayerCollapseGuard:
+    """Watches every masked layer for collapse: all of its masks at zero, which cuts the network
+    in two (no signal crosses that layer any more).
+
+    Each collapsed layer is warned about once, by name. With ``min_connections > 0`` a layer is
+    never left with fewer active connections than that: when it falls below, the mask variables
+    of its strongest connections (the largest ``m``) are raised to ``revive_value > 0``, so they
+    are active again in the next forward pass; the penalty may push them down again, and they
+    are raised again, so the layer stays at its floor.
+
+    :meth:`check` costs one comparison and one sum per layer and a single device sync; call it
+    after optimizer steps (every step when ``min_connections > 0``).
+
+    Args:
+        min_connections: the fewest active connections a layer may keep (0: only warn).
+        revive_value: the mask value given to revived connections.
+
+    Example::
+
+        >>> from scl_lightning.nn import sparsify
+        >>> net = sparsify(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)))
+        >>> with torch.no_grad():
+        ...     _ = net[1].mask.fill_(-1.0)  # the second layer has collapsed
+        >>> LayerCollapseGuard(min_connections=2).check(net, warn=False)
+        ['1']
+        >>> int((net[1].mask > 0).sum())
+        2
+    """
+
+    def __init__(self, min_connections: int = 0, revive_value: float = 1e-2) -> None:
+        if isinstance(min_connections, bool) or not isinstance(min_connections, int):
+            raise ValueError(
+                f"min_connections_per_layer must be an integer >= 0, got {min_connections!r}"
+            )
+        if min_connections < 0:
+            raise ValueError(
+                f"min_connections_per_layer must be an integer >= 0, got {min_connections!r}"
+            )
+        validate_positive("revive_value", revive_value)
+        self.min_connections = min_connections
+        self.revive_value = float(revive_value)
+        self.warned: set[str] = set()
+
+    @torch.no_grad()
+    def check(self, model: nn.Module, warn: bool = True) -> list[str]:
+        """Warn about newly collapsed layers and enforce the floor; returns the names of the
+        layers found below it (collapsed ones when the floor is 0)."""
+        layers = list(masked_modules(model))
+        if not layers:
+            return []
+        counts = torch.stack([(layer.mask > 0).sum() for _, layer in layers]).tolist()
+        low = []
+        for (name, layer), count in zip(layers, counts, strict=True):
+            floor = min(self.min_connections, layer.mask.numel())
+            if count == 0 and name not in self.warned:
+                self.warned.add(name)
+                if warn:
+                    advice = (
+                        f"it is held at {floor} connections by min_connections_per_layer"
+                        if floor
+                        else "set min_connections_per_layer to keep some, or lower lam"
+                    )
+                    warnings.warn(
+                        f"SCL: every connection of layer {name!r} is pruned, so the network is "
+                        f"cut in two there; {advice}",
+                        LayerCollapseWarning,
+                        stacklevel=2,
+                    )
+            if count < floor or (count == 0 and not floor):
+                low.append(name)
+            if count < floor:
+                flat = layer.mask.view(-1)
+                top = torch.topk(flat, floor).indices
+                flat[top] = torch.clamp(flat[top], min=self.revive_value)
+        return low
+
+
+class LayerCollapseWarning(UserWarning):
+    """A masked layer has lost all of its connections."""

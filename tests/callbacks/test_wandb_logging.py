@@ -32,6 +32,7 @@ from scl_lightning.callbacks.sparsity_monitor import LAYER_COLUMNS
 from scl_lightning.callbacks.wandb_artifacts import WandbArtifacts
 from scl_lightning.cli import WANDB_CONFIG_FILENAME, flatten_config, main
 from scl_lightning.data import DigitsDataModule
+from scl_lightning.export import PRUNED_FORMAT, load_pruned
 from scl_lightning.loggers import active_wandb_loggers
 from scl_lightning.models import create_model
 
@@ -41,6 +42,7 @@ CSV = str(CONFIGS / "logger" / "csv.yaml")
 # LeNet-300-100 on 8x8 digits: (name, weight shape); one sample's FLOPs = its weights
 LAYERS = [("model.layers.1", "300x64"), ("model.layers.3", "100x300"), ("model.layers.5", "10x100")]
 TRAIN_BATCHES = 3
+PRUNED_FILE = "pruned_state_dict.safetensors"
 EPOCH_END_STEPS = [TRAIN_BATCHES - 1, 2 * TRAIN_BATCHES - 1]  # where Lightning logs epoch ends
 
 
@@ -276,7 +278,7 @@ def test_disabled_wandb_run_gets_nothing(tmp_path):
     finally:
         wandb.finish()
         wandb.teardown()
-    assert not list(tmp_path.rglob("*.pt"))
+    assert not list(tmp_path.rglob("*.safetensors"))
 
 
 # -- the scl command ------------------------------------------------------------------------------
@@ -329,7 +331,7 @@ def test_cli_fit_saves_config_tables_and_artifacts_offline(offline_wandb, monkey
     assert set(artifacts) >= {f"model-{run_id}", f"pruned-model-{run_id}"}
     for name, filename, source in [
         (f"model-{run_id}", "last.ckpt", log_dir / "checkpoints" / "last.ckpt"),
-        (f"pruned-model-{run_id}", "pruned_state_dict.pt", log_dir / "pruned_state_dict.pt"),
+        (f"pruned-model-{run_id}", PRUNED_FILE, log_dir / PRUNED_FILE),
     ]:
         artifact = artifacts[name]
         assert artifact.type == "model"
@@ -345,8 +347,19 @@ def test_cli_fit_saves_config_tables_and_artifacts_offline(offline_wandb, monkey
         assert metadata["total_connections"] == 64 * 300 + 300 * 100 + 100 * 10
         assert 0.0 <= metadata["val/acc"] <= 1.0
 
-    # the pruned state dict: plain tensors, into the never-masked architecture, same outputs
-    state = torch.load(log_dir / "pruned_state_dict.pt", weights_only=True)
+    # the pruned state dict: a safetensors file (no pickle), its header the run's figures; plain
+    # tensors, into the never-masked architecture, same outputs
+    assert (log_dir / PRUNED_FILE).read_bytes()[8:9] == b"{"  # safetensors: length, JSON header
+    state, header = load_pruned(log_dir / PRUNED_FILE)
+    assert header["format"] == PRUNED_FORMAT
+    assert header["network"] == "LeNet300100"
+    assert int(header["global_step"]) == 2 * TRAIN_BATCHES
+    assert int(header["total_connections"]) == 64 * 300 + 300 * 100 + 100 * 10
+    assert float(header["global_sparsity"]) == pytest.approx(
+        json.loads(artifacts[f"pruned-model-{run_id}"].metadata)["sparsity"]
+    )
+    assert 0.0 <= float(header["val/acc"]) <= 1.0
+    assert "sparsity" not in header  # written once, as global_sparsity
     plain = create_model("lenet_300_100", num_classes=10, input_shape=(1, 8, 8))
     plain.load_state_dict(state, strict=True)
     expected = export_pruned(module.model).state_dict()
@@ -377,7 +390,7 @@ def test_cli_fit_with_csv_logger_needs_no_wandb(tmp_path, monkeypatch, no_wandb)
     assert (log_dir / "config.yaml").exists()
     assert "sparsity/global" in (log_dir / "metrics.csv").read_text().splitlines()[0]
     assert not (tmp_path / "runs" / "wandb").exists()
-    assert not (log_dir / "pruned_state_dict.pt").exists()  # no WandbArtifacts without W&B
+    assert not (log_dir / PRUNED_FILE).exists()  # no WandbArtifacts without W&B
 
 
 # -- the callbacks with other loggers, and WandbArtifacts on its own ------------------------------
@@ -397,7 +410,7 @@ def test_csv_logger_gets_the_scalars_and_nothing_needs_wandb(tmp_path, no_wandb)
     header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"sparsity/global", "sparsity/model.layers.1", "flops/effective"} <= set(header)
     assert not (tmp_path / "wandb").exists()
-    assert not list(tmp_path.rglob("*.pt"))
+    assert not list(tmp_path.rglob("*.safetensors"))
 
 
 def test_importing_the_package_does_not_import_wandb():
@@ -410,10 +423,14 @@ def test_importing_the_package_does_not_import_wandb():
 
 
 @pytest.mark.parametrize(
-    "filename", ["model.ckpt", "dir/pruned.pt", "", 3], ids=["suffix", "dir", "empty", "int"]
+    "filename",
+    ["model.ckpt", "pruned.pt", "dir/pruned.safetensors", ".safetensors", "", 3],
+    ids=["suffix", "pickle-suffix", "dir", "no-stem", "empty", "int"],
 )
 def test_artifacts_filename_is_validated(filename):
-    with pytest.raises(ValueError, match=r"filename must be a bare file name ending in \.pt"):
+    with pytest.raises(
+        ValueError, match=r"filename must be a bare file name ending in \.safetensors"
+    ):
         WandbArtifacts(filename=filename)
 
 
@@ -455,7 +472,7 @@ def test_lightning_log_model_uploads_checkpoints_instead(offline_wandb, monkeypa
     trainer = _trainer(
         tmp_path,
         logger,
-        [MaskGradientNormalization(), WandbArtifacts(filename="pruned.pth")],
+        [MaskGradientNormalization(), WandbArtifacts(filename="pruned.safetensors")],
         max_epochs=1,
         limit_val_batches=0,
         enable_checkpointing=True,
@@ -469,8 +486,8 @@ def test_lightning_log_model_uploads_checkpoints_instead(offline_wandb, monkeypa
     ]
     assert names.count(f"model-{run_id}") == 1  # Lightning's, at finalize
     assert names.count(f"pruned-model-{run_id}") == 1
-    path = Path(trainer.log_dir) / "pruned.pth"
-    assert set(torch.load(path, weights_only=True)) == set(export_pruned(model.model).state_dict())
+    path = Path(trainer.log_dir) / "pruned.safetensors"
+    assert set(load_pruned(path)[0]) == set(export_pruned(model.model).state_dict())
 
 
 def test_flatten_config():

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -773,6 +774,14 @@ def test_distributed_sampler_shards_like_lightning(tmp_path, monkeypatch, cifar1
 # --------------------------------------------------------------- transforms in the Trainer
 
 
+def _fake_trainer(training: bool, rank: int = 0, epoch: int = 0, batch: int = 0) -> Any:
+    """What on_after_batch_transfer reads of a Trainer: the batch index is Lightning's count of
+    batches made ready in the current epoch."""
+    progress = SimpleNamespace(current=SimpleNamespace(ready=batch))
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
+    return SimpleNamespace(training=training, global_rank=rank, current_epoch=epoch, fit_loop=loop)
+
+
 def test_on_after_batch_transfer_augments_in_training_and_only_normalizes_otherwise():
     dm = CIFAR10DataModule(seed=0, cutout=8)
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
@@ -781,26 +790,30 @@ def test_on_after_batch_transfer_augments_in_training_and_only_normalizes_otherw
     out, labels = dm.on_after_batch_transfer((x, y), 0)  # no trainer: normalize only
     assert labels is y and out.dtype == torch.float32
     torch.testing.assert_close(out, expected)
-    dm.trainer = SimpleNamespace(training=False, global_rank=0, current_epoch=0)
+    dm.trainer = _fake_trainer(training=False)
     torch.testing.assert_close(dm.on_after_batch_transfer((x, y), 0)[0], expected)
 
-    dm.trainer = SimpleNamespace(training=True, global_rank=0, current_epoch=0)
+    dm.trainer = _fake_trainer(training=True, batch=0)
     first = dm.on_after_batch_transfer((x, y), 0)[0]
+    dm.trainer = _fake_trainer(training=True, batch=1)
     second = dm.on_after_batch_transfer((x, y), 0)[0]
     assert first.shape == x.shape and not torch.allclose(first, expected)
     assert not torch.equal(first, second)  # fresh noise for every batch
-    # reproducible: the same seed, rank and epoch give the same noise ...
+    # reproducible: the same seed, rank, epoch and batch index give the same noise, even in a
+    # fresh module (a run resumed mid-epoch) ...
     twin = CIFAR10DataModule(seed=0, cutout=8)
-    twin.trainer = SimpleNamespace(training=True, global_rank=0, current_epoch=0)
+    twin.trainer = _fake_trainer(training=True, batch=1)
+    assert torch.equal(twin.on_after_batch_transfer((x, y), 0)[0], second)
+    twin.trainer = _fake_trainer(training=True, batch=0)
     assert torch.equal(twin.on_after_batch_transfer((x, y), 0)[0], first)
     # ... and another rank or epoch different noise
     for rank, epoch in ((1, 0), (0, 1)):
         other = CIFAR10DataModule(seed=0, cutout=8)
-        other.trainer = SimpleNamespace(training=True, global_rank=rank, current_epoch=epoch)
+        other.trainer = _fake_trainer(training=True, rank=rank, epoch=epoch)
         assert not torch.equal(other.on_after_batch_transfer((x, y), 0)[0], first)
 
     plain = CIFAR10DataModule(augment=False, cutout=8)
-    plain.trainer = SimpleNamespace(training=True, global_rank=0, current_epoch=0)
+    plain.trainer = _fake_trainer(training=True)
     torch.testing.assert_close(plain.on_after_batch_transfer((x, y), 0)[0], expected)
 
 

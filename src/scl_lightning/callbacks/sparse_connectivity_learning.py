@@ -20,6 +20,7 @@ from scl_lightning.nn.sparsify import maskable_modules, masked_modules, sparsify
 from scl_lightning.nn.ste import get_ste
 from scl_lightning.training import (
     MASK_GROUP_KEY,
+    LayerCollapseGuard,
     attach_mask_group,
     drop_mask_grads,
     masks_trainable,
@@ -66,6 +67,8 @@ class SparseConnectivityLearning(Callback):
             ``None`` sparsifies every maskable layer of the whole module.
         log_every_n_steps: sparsity/FLOPs logging interval (``None``: the Trainer's).
         flops: trace and log FLOPs.
+        min_connections_per_layer: keep at least this many active connections in every layer;
+            ``0`` only warns, once per layer, when a layer loses them all.
 
     Raises:
         ValueError: for an invalid argument; in ``setup`` if ``target`` is not a submodule.
@@ -92,6 +95,7 @@ class SparseConnectivityLearning(Callback):
         target: str | None = None,
         log_every_n_steps: int | None = None,
         flops: bool = True,
+        min_connections_per_layer: int = 0,
     ) -> None:
         self.lam = validate_positive("lam", lam, allow_zero=True)
         self.mask_lr = validate_positive("mask_lr", mask_lr)
@@ -114,6 +118,7 @@ class SparseConnectivityLearning(Callback):
         self.normalize = validate_norm_mode(normalize)
         self.eps = 1e-12
         self.monitor = SparsityMonitor(log_every_n_steps=log_every_n_steps, flops=flops)
+        self._collapse = LayerCollapseGuard(min_connections_per_layer)
         self._layers: dict[int, MaskedLayer] = {}  # id(mask) -> layer, in module order
         self._total = 0
         self._wrapped: pl.LightningModule | None = None
@@ -268,6 +273,11 @@ class SparseConnectivityLearning(Callback):
         batch_idx: int,
     ) -> None:
         self.monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        every = max(1, int(trainer.log_every_n_steps))  # type: ignore[attr-defined]
+        if masks_trainable(trainer.current_epoch, self.warmup_epochs, self.freeze_masks_epoch) and (
+            self._collapse.min_connections or trainer.global_step % every == 0
+        ):
+            self._collapse.check(self._network(pl_module), warn=trainer.is_global_zero)
         # the penalty weight, shown next to the sparsity it drives (progress bar only)
         pl_module.log("lam", self.lam, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from scl_lightning.export import PRUNED_METADATA_KEYS, save_pruned
 from scl_lightning.flops import maskable_connectivity
 from scl_lightning.loggers import active_wandb_loggers
-from scl_lightning.nn.sparsify import export_pruned, masked_modules
+from scl_lightning.nn.sparsify import masked_modules
 
 __all__ = ["WandbArtifacts"]
 
 _MAX_METADATA_KEYS = 100
+# written by save_pruned itself (sparsity as global_sparsity): not repeated in the file header
+_HEADER_SKIP = frozenset((*PRUNED_METADATA_KEYS, "sparsity"))
 
 
 def _free_path(directory: Path, filename: str) -> Path:
@@ -45,10 +48,12 @@ class WandbArtifacts(Callback):
       same name.
     * ``pruned-model-<run id>`` (type ``model``): the state dict of
       :func:`scl_lightning.export_pruned` applied to the module's ``model`` attribute (the
-      backbone of an :class:`~scl_lightning.SCLModule`) or, without one, to the module itself.
-      It is a plain ``{name: tensor}`` dict, loadable with ``torch.load(..., weights_only=True)``
-      and with ``strict=True`` into the never-masked architecture; it is also written to the run
-      directory (``trainer.log_dir``) as ``filename``, under a numbered name if that exists.
+      backbone of an :class:`~scl_lightning.SCLModule`) or, without one, to the module itself,
+      written by :func:`scl_lightning.save_pruned` as a ``.safetensors`` file: plain tensors
+      that load without unpickling anything (:func:`scl_lightning.load_pruned`, or any
+      safetensors reader) and with ``strict=True`` into the never-masked architecture. Its
+      header holds the metadata below as strings. It is written to the run directory
+      (``trainer.log_dir``) as ``filename``, under a numbered name if that exists.
       Skipped, with a one-line message, when the network has no masked layer (a dense
       baseline).
 
@@ -63,10 +68,10 @@ class WandbArtifacts(Callback):
     Args:
         checkpoint: log the final checkpoint.
         pruned_model: export and log the pruned model.
-        filename: file name of the pruned state dict in the run directory.
+        filename: file name of the pruned weights in the run directory.
 
     Raises:
-        ValueError: if ``filename`` does not end in ``.pt``/``.pth`` or contains a directory.
+        ValueError: if ``filename`` does not end in ``.safetensors`` or contains a directory.
 
     Example::
 
@@ -78,15 +83,15 @@ class WandbArtifacts(Callback):
         self,
         checkpoint: bool = True,
         pruned_model: bool = True,
-        filename: str = "pruned_state_dict.pt",
+        filename: str = "pruned_state_dict.safetensors",
     ) -> None:
         if (
             not isinstance(filename, str)
-            or not filename.endswith((".pt", ".pth"))
+            or Path(filename).suffix != ".safetensors"
             or Path(filename).name != filename
         ):
             raise ValueError(
-                f"filename must be a bare file name ending in .pt or .pth, got {filename!r}"
+                f"filename must be a bare file name ending in .safetensors, got {filename!r}"
             )
         self.checkpoint = checkpoint
         self.pruned_model = pruned_model
@@ -111,9 +116,14 @@ class WandbArtifacts(Callback):
                 return Path(path)
         return None
 
-    def export(self, pl_module: pl.LightningModule, directory: Path) -> Path | None:
-        """Write the pruned network's state dict into ``directory``; ``None`` for a network
-        without masked layers."""
+    def export(
+        self,
+        pl_module: pl.LightningModule,
+        directory: Path,
+        metadata: Mapping[str, str | int | float | bool] | None = None,
+    ) -> Path | None:
+        """Write the pruned network's weights into ``directory`` with :func:`save_pruned`
+        (``metadata`` in its header); ``None`` for a network without masked layers."""
         net = self.network(pl_module)
         if not any(True for _ in masked_modules(net)):
             rank_zero_info(
@@ -121,14 +131,8 @@ class WandbArtifacts(Callback):
                 "not exporting a pruned model"
             )
             return None
-        state = {
-            name: tensor.detach().cpu().clone()
-            for name, tensor in export_pruned(net).state_dict().items()
-        }
         directory.mkdir(parents=True, exist_ok=True)
-        path = _free_path(directory, self.filename)
-        torch.save(state, path)
-        return path
+        return save_pruned(net, _free_path(directory, self.filename), metadata)
 
     def _metadata(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         conn = maskable_connectivity(self.network(pl_module))
@@ -182,8 +186,12 @@ class WandbArtifacts(Callback):
         checkpoint = self.final_checkpoint(trainer) if self.checkpoint else None
         if self.checkpoint and checkpoint is None:
             rank_zero_info("WandbArtifacts: no checkpoint file found; not logging a checkpoint")
-        self.pruned_path = self.export(pl_module, directory) if self.pruned_model else None
         metadata = self._metadata(trainer, pl_module)
+        if self.pruned_model:
+            header = {k: v for k, v in metadata.items() if k not in _HEADER_SKIP}
+            self.pruned_path = self.export(pl_module, directory, header)
+        else:
+            self.pruned_path = None
         self.logged = []
         for logger in loggers:
             run = logger.experiment
@@ -204,7 +212,8 @@ class WandbArtifacts(Callback):
                         f"pruned-model-{run.id}",
                         self.pruned_path,
                         {**metadata, "network": type(self.network(pl_module)).__qualname__},
-                        "state dict of scl_lightning.export_pruned(network): plain tensors, "
-                        "loads with strict=True into the never-masked architecture",
+                        "state dict of scl_lightning.export_pruned(network) in safetensors "
+                        "format (scl_lightning.load_pruned): plain tensors that load with "
+                        "strict=True into the never-masked architecture",
                     )
                 )

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from typing_extensions import override
 
 from ._archive import ArchiveError, check_md5, download_file, restricted_pickle_load, safe_extract
+from .sampling import EpochShuffleSampler, global_seed
 from .transforms import BatchAugment
 
 __all__ = [
@@ -67,14 +68,6 @@ def _accelerator_available() -> bool:
     if accelerator is not None:
         return bool(accelerator.is_available())
     return torch.cuda.is_available()  # pragma: no cover - torch < 2.6
-
-
-def _global_seed() -> int:
-    """``PL_GLOBAL_SEED`` as set by ``seed_everything``, or 0."""
-    try:
-        return int(os.environ.get("PL_GLOBAL_SEED", 0)) % 2**32
-    except ValueError:
-        return 0
 
 
 class InMemoryImageDataset(Dataset[tuple[Tensor, Tensor]]):
@@ -117,51 +110,6 @@ class InMemoryImageDataset(Dataset[tuple[Tensor, Tensor]]):
     def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return self.images.index_select(0, idx), self.labels.index_select(0, idx)
-
-
-class EpochShuffleSampler(RandomSampler):
-    """A ``RandomSampler`` whose order is a function of ``(seed, epoch)`` only.
-
-    Lightning calls ``set_epoch`` on it at the start of every epoch, as it does for a
-    ``DistributedSampler``, so a run resumed from a checkpoint sees the same orders as one that was
-    not interrupted. Without ``set_epoch`` calls (a plain loop over the DataLoader), every pass
-    advances the epoch by one, so successive passes still differ. Being a ``RandomSampler``, it is
-    replaced under DDP by Lightning's ``DistributedSampler``.
-
-    Args:
-        data_source: The dataset (only its length is used).
-        seed: Seed of the permutations.
-
-    Example::
-
-        >>> sampler = EpochShuffleSampler(range(6), seed=0)
-        >>> first, second = list(sampler), list(sampler)
-        >>> sorted(first) == list(range(6)), first != second
-        (True, True)
-        >>> sampler.set_epoch(0)
-        >>> list(sampler) == first
-        True
-    """
-
-    def __init__(self, data_source: Any, seed: int = 0) -> None:
-        super().__init__(data_source)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use the permutation of ``epoch`` on the next pass."""
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Any:
-        generator = torch.Generator()
-        # Mix (seed, epoch) rather than add them (torch's DistributedSampler adds, so seed s at
-        # epoch e + 1 would repeat seed s + 1 at epoch e and multi-seed studies would share
-        # orders).
-        generator.manual_seed(
-            int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
-        )
-        self.epoch += 1
-        return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
 
 
 def _str_keys(obj: Any) -> Any:
@@ -319,7 +267,7 @@ class CIFARDataModule(LightningDataModule):
         self.val_dataset: InMemoryImageDataset | None = None
         self.test_dataset: InMemoryImageDataset | None = None
         # Augmentation RNG: one per (device, epoch), see _augment_generator.
-        self._aug_key: tuple[str, int, int] | None = None
+        self._aug_key: tuple[str, int, int, int] | None = None
         self._aug_generator: torch.Generator | None = None
 
     @staticmethod
@@ -508,7 +456,7 @@ class CIFARDataModule(LightningDataModule):
     # ------------------------------------------------------------ dataloaders
 
     def _train_seed(self) -> int:
-        return self.seed if self.seed is not None else _global_seed()
+        return self.seed if self.seed is not None else global_seed()
 
     def _loader(self, dataset: InMemoryImageDataset | None, train: bool, split: str) -> DataLoader:
         if dataset is None:
@@ -554,14 +502,19 @@ class CIFARDataModule(LightningDataModule):
 
     # ------------------------------------------------------- batch transforms
 
-    def _augment_generator(self, device: torch.device, rank: int, epoch: int) -> torch.Generator:
-        """The augmentation RNG on ``device``, reseeded at each epoch from (seed, rank, epoch):
-        ranks draw different noise, and a run resumed at an epoch boundary draws the same."""
-        key = (str(device), rank, epoch)
+    def _augment_generator(
+        self, device: torch.device, rank: int, epoch: int, batch: int
+    ) -> torch.Generator:
+        """The augmentation RNG on ``device``, seeded for each batch from (seed, rank, epoch,
+        batch index in the epoch): ranks draw different noise, and a run resumed from any
+        checkpoint, even mid-epoch, draws the same noise as one never interrupted."""
+        key = (str(device), rank, epoch, batch)
         if self._aug_generator is None or self._aug_key != key:
-            words = np.random.SeedSequence([self._train_seed(), rank, epoch]).generate_state(2)
-            self._aug_generator = torch.Generator(device=device)
-            self._aug_generator.manual_seed(int(words[0]) | int(words[1]) << 32)
+            words = np.random.SeedSequence([self._train_seed(), rank, epoch, batch])
+            state = words.generate_state(2)
+            if self._aug_generator is None or self._aug_generator.device != device:
+                self._aug_generator = torch.Generator(device=device)
+            self._aug_generator.manual_seed(int(state[0]) | int(state[1]) << 32)
             self._aug_key = key
         return self._aug_generator
 
@@ -589,7 +542,9 @@ class CIFARDataModule(LightningDataModule):
         generator = None
         if training and trainer is not None:
             rank, epoch = trainer.global_rank, trainer.current_epoch
-            generator = self._augment_generator(x.device, rank, epoch)
+            # index of the batch being transferred, restored by Lightning on resume
+            index = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            generator = self._augment_generator(x.device, rank, epoch, index)
         batch = (transform(x, generator=generator), y)
         # Lightning converts inputs for "*-true" precisions before the transfer, when they were
         # still uint8: convert the float images now (a no-op for 32-true and *-mixed).

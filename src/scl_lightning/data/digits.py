@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
+from .sampling import EpochShuffleSampler, global_seed
+
 __all__ = ["DigitsDataModule"]
 
 # Size of scikit-learn's bundled digits set; fixed, so the split sizes can be checked in __init__.
@@ -174,10 +176,13 @@ class DigitsDataModule(LightningDataModule):
             raise RuntimeError(
                 "DigitsDataModule has no data yet: call setup() before asking for a dataloader"
             )
+        # training order: a function of (PL_GLOBAL_SEED, epoch) only, so a resumed run (even
+        # mid-epoch) reads the same batches as one never interrupted
+        sampler = EpochShuffleSampler(dataset, seed=global_seed()) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

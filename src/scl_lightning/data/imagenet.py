@@ -21,6 +21,8 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .sampling import EpochShuffleSampler, global_seed
+
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
@@ -494,9 +496,12 @@ class ImageNetDataModule(LightningDataModule):
     ``limit_*_batches`` is reported when the next one starts, or at teardown; under DDP each
     process reports its own shard). With ``"error"`` the first one raises :class:`BadImageError`.
 
-    Shuffling is a plain ``shuffle=True`` DataLoader: under DDP Lightning replaces the sampler with
-    a ``DistributedSampler``. ``test_dataloader`` and ``predict_dataloader`` return the
-    validation split.
+    Training batches are shuffled by an :class:`~scl_lightning.data.sampling.EpochShuffleSampler`
+    (an order per ``(seed, epoch)``, so a resumed run reads the same batches); under DDP
+    Lightning replaces it with a ``DistributedSampler``. Random crops and flips run in the
+    DataLoader's workers, seeded per worker: a run resumed mid-epoch reads the same images in the
+    same order but draws new crops for the rest of that epoch. ``test_dataloader`` and
+    ``predict_dataloader`` return the validation split.
 
     Args:
         data_dir: Folder holding ``train/`` and ``val/``.
@@ -709,7 +714,8 @@ class ImageNetDataModule(LightningDataModule):
         return _ImageFolderLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            # order a function of (PL_GLOBAL_SEED, epoch): a resumed run reads the same batches
+            sampler=EpochShuffleSampler(dataset, seed=global_seed()) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and _accelerator_available(),
             persistent_workers=self.num_workers > 0,

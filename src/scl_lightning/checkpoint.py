@@ -1,0 +1,244 @@
+"""Checkpoint files that survive a kill while they are written and cannot run code when loaded.
+
+:class:`SafeCheckpointIO` is a Lightning ``CheckpointIO`` plugin (``scl fit`` installs it by
+itself; elsewhere pass ``Trainer(plugins=[SafeCheckpointIO()])``):
+
+- **Atomic saves.** The checkpoint is written to a temporary file in the same directory,
+  flushed to disk (``fsync``) and renamed over the target (``os.replace``, atomic on POSIX). A
+  process killed while saving leaves the previous file (``last.ckpt``, say) whole: readers see
+  the old checkpoint or the new one, never a truncated one. Lightning's own writer serializes
+  to memory and moves a file from the system temp directory, which is a copy, not a rename, when
+  that directory is on another file system.
+- **Safe loads.** Every checkpoint is read with ``torch.load(weights_only=True)``: tensors and
+  plain Python data only, so a crafted checkpoint cannot execute code. A file that is not a
+  readable checkpoint gives one clear :class:`CheckpointError` line.
+
+:func:`load_checkpoint` reads a checkpoint the same way outside a Trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from typing_extensions import override
+
+__all__ = [
+    "CheckpointError",
+    "SafeCheckpointIO",
+    "atomic_torch_save",
+    "check_compatible",
+    "load_checkpoint",
+]
+
+_TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: truncated, not a checkpoint, or holding objects
+    that could run code when unpickled."""
+
+
+def _is_remote(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0].rstrip(".")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems without directory fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` that never leaves ``path`` half-written.
+
+    The object is written to ``.<name>.<random>.tmp`` next to ``path``, fsync'ed, then renamed
+    over ``path``. Temporary files left by an earlier process killed while saving to the same
+    ``path`` are removed first.
+
+    Example::
+
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "last.ckpt"
+        >>> atomic_torch_save({"step": 1}, target)
+        >>> atomic_torch_save({"step": 2}, target)
+        >>> load_checkpoint(target)["step"], sorted(p.name for p in target.parent.iterdir())
+        (2, ['last.ckpt'])
+    """
+    path = Path(path)
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}."
+    for stale in directory.glob(f"{prefix}*{_TMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=_TMP_SUFFIX, dir=directory)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is truncated, not a PyTorch checkpoint, or holds objects other
+            than tensors and plain data (one line saying which).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; check the path (--ckpt_path) or use "
+            "--ckpt_path last to resume the latest run"
+        )
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        message = _first_line(err)
+        if "weights_only" in str(err) or "Weights only load failed" in str(err):
+            raise CheckpointError(
+                f"checkpoint {path} holds objects other than tensors and plain data, which could "
+                "run code when loaded; scl-lightning loads checkpoints with weights_only=True. "
+                "Re-save it as a plain state dict if you trust its source"
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable PyTorch checkpoint ({message}); it may be "
+            "truncated: resume from an earlier checkpoint"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable PyTorch checkpoint ({_first_line(err)}); it "
+            "may be truncated: resume from an earlier checkpoint"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dict"
+        )
+    return checkpoint
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO`` with atomic saves and ``weights_only=True`` loads.
+
+    Local paths are written with :func:`atomic_torch_save`; remote URLs (``s3://``...) are left
+    to Lightning's writer. Loads always use ``weights_only=True``, also when a caller asks for
+    ``weights_only=False``.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(plugins=[SafeCheckpointIO()], logger=False)
+        >>> type(trainer.strategy.checkpoint_io).__name__
+        'SafeCheckpointIO'
+    """
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or _is_remote(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_torch_save(checkpoint, path)
+
+    @override
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if _is_remote(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return load_checkpoint(path, map_location=map_location)
+
+
+def check_compatible(
+    expected: dict[str, Any], found: dict[str, Any], source: str = "the checkpoint"
+) -> None:
+    """Check that the state dict ``found`` (from a checkpoint) fits a model whose state dict is
+    ``expected``, and say in one line what does not: masks that differ in shape, masks on one
+    side only (a dense checkpoint for a masked model, or the reverse), or another architecture.
+
+    Example::
+
+        >>> check_compatible({"fc.mask": torch.zeros(3, 4)}, {"fc.mask": torch.zeros(2, 4)})
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        scl_lightning.checkpoint.CheckpointError: the checkpoint does not fit this model: mask ...
+    """
+    hint = (
+        "load it into the model it was trained with (same backbone, num_classes, input_shape "
+        "and exclude)"
+    )
+
+    def shape(value: Any) -> tuple[int, ...] | None:
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    for key in sorted(expected.keys() & found.keys()):
+        if key.endswith(".mask") and shape(expected[key]) != shape(found[key]):
+            raise CheckpointError(
+                f"{source} does not fit this model: mask {key} has shape {shape(found[key])} in "
+                f"the checkpoint and {shape(expected[key])} in the model; {hint}"
+            )
+    masks_expected = {k for k in expected if k.endswith(".mask")}
+    masks_found = {k for k in found if k.endswith(".mask")}
+    if masks_expected and not masks_found:
+        raise CheckpointError(
+            f"{source} has no masks (a dense run, sparsify=False?) but this model is masked; "
+            "resume a dense run with --model.sparsify false, or start the SCL run from scratch"
+        )
+    if masks_found and not masks_expected:
+        raise CheckpointError(
+            f"{source} holds masks but this model is dense (sparsify=False); load it with "
+            "sparsify=True, or export its pruned weights with scl_lightning.export_pruned first"
+        )
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    mismatched = [
+        key
+        for key in sorted(expected.keys() & found.keys())
+        if shape(expected[key]) != shape(found[key])
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            key = mismatched[0]
+            parts.append(
+                f"{key} has shape {shape(found[key])} in the checkpoint and "
+                f"{shape(expected[key])} in the model"
+            )
+        if missing:
+            parts.append(f"{len(missing)} entries missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise CheckpointError(f"{source} is from another architecture: {'; '.join(parts)}; {hint}")

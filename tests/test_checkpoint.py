@@ -1,0 +1,159 @@
+"""SafeCheckpointIO: atomic saves that survive a kill, weights_only loads, clear errors for a
+checkpoint that does not fit the model."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from scl_lightning import SCLModule
+from scl_lightning.checkpoint import (
+    CheckpointError,
+    SafeCheckpointIO,
+    atomic_torch_save,
+    check_compatible,
+    load_checkpoint,
+)
+
+# A process that saves checkpoint 1, then starts saving checkpoint 2 and stalls halfway through
+# the write (the moment a preemption would kill it).
+_SAVER = r"""
+import io, sys, time, torch
+import scl_lightning.checkpoint as ckpt
+from scl_lightning.checkpoint import SafeCheckpointIO
+
+real_save = torch.save
+def stalling_save(obj, f, *args, **kwargs):
+    if obj.get("step") != 2:
+        return real_save(obj, f, *args, **kwargs)
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    data = buffer.getvalue()
+    f.write(data[: len(data) // 2]); f.flush()
+    print("HALFWAY", flush=True)
+    time.sleep(120)
+    f.write(data[len(data) // 2 :])
+torch.save = stalling_save
+
+io_plugin = SafeCheckpointIO()
+big = torch.arange(2_000_000, dtype=torch.float32)
+io_plugin.save_checkpoint({"step": 1, "weights": big}, sys.argv[1])
+print("SAVED 1", flush=True)
+io_plugin.save_checkpoint({"step": 2, "weights": big + 1}, sys.argv[1])
+"""
+
+
+def test_a_kill_while_saving_leaves_the_previous_last_checkpoint_loadable(tmp_path: Path) -> None:
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SAVER, str(last)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 120
+    while "HALFWAY" not in lines:
+        assert time.monotonic() < deadline and proc.poll() is None, lines
+        lines.append(proc.stdout.readline().strip())
+    # half of checkpoint 2 is on disk, in the temporary file
+    (partial,) = last.parent.glob(".last.ckpt.*.tmp")
+    assert partial.stat().st_size > 0
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    checkpoint = load_checkpoint(last)
+    assert checkpoint["step"] == 1
+    assert torch.equal(checkpoint["weights"], torch.arange(2_000_000, dtype=torch.float32))
+    # the next save cleans up the killed writer's temporary file
+    atomic_torch_save({"step": 3}, last)
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    assert load_checkpoint(last)["step"] == 3
+
+
+def test_a_failed_save_keeps_the_old_file_and_no_temporary(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1}, target)
+
+    def broken(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        SafeCheckpointIO().save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
+    assert load_checkpoint(target)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_truncated_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as err:
+        SafeCheckpointIO().load_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.mkdir, (str(Path(__file__).parent / "MARKER_SHOULD_NOT_EXIST"),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path: Path) -> None:
+    path = tmp_path / "evil.ckpt"
+    marker = Path(__file__).parent / "MARKER_SHOULD_NOT_EXIST"
+    torch.save({"state_dict": {}, "payload": _Exploit()}, path)
+    with pytest.raises(CheckpointError, match="could run code"):
+        SafeCheckpointIO().load_checkpoint(path, weights_only=False)  # True regardless
+    assert not marker.exists()
+    with open(tmp_path / "evil2.ckpt", "wb") as f:  # a plain pickle file too
+        pickle.dump(_Exploit(), f)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "evil2.ckpt")
+    assert not marker.exists()
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.ckpt")
+
+
+def test_check_compatible_names_what_differs() -> None:
+    model = {"a.weight": torch.zeros(3, 4), "a.mask": torch.zeros(3, 4)}
+    check_compatible(model, {k: v.clone() for k, v in model.items()})
+    with pytest.raises(CheckpointError, match=r"mask a.mask has shape \(2, 4\)"):
+        check_compatible(model, {"a.weight": torch.zeros(2, 4), "a.mask": torch.zeros(2, 4)})
+    with pytest.raises(CheckpointError, match="has no masks"):
+        check_compatible(model, {"a.weight": torch.zeros(3, 4)})
+    with pytest.raises(CheckpointError, match="this model is dense"):
+        check_compatible({"a.weight": torch.zeros(3, 4)}, model)
+    with pytest.raises(CheckpointError, match="another architecture: 1 entries missing"):
+        check_compatible(model | {"b.bias": torch.zeros(2)}, model)
+
+
+def test_load_from_checkpoint_of_another_backbone(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    module = SCLModule("lenet_300_100", num_classes=10, input_shape=(1, 8, 8))
+    trainer = pl.Trainer(logger=False, max_epochs=0, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    path = tmp_path / "lenet.ckpt"
+    trainer.save_checkpoint(path)
+    # load_from_checkpoint writes its keyword arguments into the checkpoint's hyper-parameters,
+    # so the backbone names agree and the state dicts tell the story
+    with pytest.raises(CheckpointError, match="another architecture: 136 entries missing"):
+        SCLModule.load_from_checkpoint(path, backbone="resnet20", input_shape=(3, 32, 32))
+    with pytest.raises(CheckpointError, match=r"mask .* has shape"):
+        SCLModule.load_from_checkpoint(path, num_classes=5)
+    assert SCLModule.load_from_checkpoint(path).total_connections == module.total_connections
