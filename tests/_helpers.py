@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,3 +40,31 @@ class SlowDown(Callback):
 
     def on_train_batch_end(self, *args: Any) -> None:
         time.sleep(self.seconds)
+
+
+def launch_ddp(script: Path, *args: str, timeout: float = 180) -> tuple[int, str]:
+    """Run a 2-process CPU DDP worker script (it launches its second rank itself, through
+    Lightning) with ``src`` importable and W&B off; returns the exit status and the output. The
+    script gets a session of its own, so a hang (a rank waiting in a collective) is killed whole
+    at ``timeout`` and fails the test instead of blocking it."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("PL_GLOBAL_SEED", None)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(
+            f"{script.name} {' '.join(args)} hung for {timeout}s:\n{output[-3000:]}"
+        ) from None
+    return proc.returncode, output

@@ -12,7 +12,7 @@ import torch
 
 from _helpers import quiet_trainer
 from scl_lightning import SCLModule
-from scl_lightning.callbacks import MaskGradientNormalization
+from scl_lightning.callbacks import MaskGradientNormalization, SparseConnectivityLearning
 from scl_lightning.data import DigitsDataModule
 from scl_lightning.nn import layer_sparsity, masked_modules
 from scl_lightning.training import LayerCollapseGuard, LayerCollapseWarning
@@ -70,3 +70,40 @@ def test_guard_revives_the_strongest_masks() -> None:
 def test_min_connections_validation(bad) -> None:
     with pytest.raises(ValueError, match="min_connections_per_layer must be an integer >= 0"):
         SCLModule("lenet_300_100", num_classes=10, min_connections_per_layer=bad)
+
+
+class PlainMLP(pl.LightningModule):
+    """Someone else's module, with no SCL in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_drop_in_callback_warns_and_keeps_a_floor(tmp_path: Path) -> None:
+    def run(**kwargs) -> tuple[PlainMLP, list[warnings.WarningMessage]]:
+        pl.seed_everything(0)
+        module = PlainMLP()
+        scl = SparseConnectivityLearning(lam=1.0, mask_lr=0.5, flops=False, **kwargs)
+        trainer = quiet_trainer(
+            tmp_path, limit_train_batches=8, log_every_n_steps=1, callbacks=[scl]
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+        return module, [w for w in caught if issubclass(w.category, LayerCollapseWarning)]
+
+    module, caught = run()
+    assert caught and all("cut in two" in str(w.message) for w in caught)
+    module, _ = run(min_connections_per_layer=4)
+    for name, layer in masked_modules(module.net):
+        assert int((layer.mask > 0).sum()) >= 4, name

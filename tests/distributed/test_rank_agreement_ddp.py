@@ -4,40 +4,20 @@ ranks agree, and a one-line error on both ranks, without a hang, when one rank's
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from _helpers import launch_ddp
 
 SCRIPT = Path(__file__).with_name("ddp_agreement.py")
 TIMEOUT_S = 120  # a run takes a few seconds; a hang (one rank waiting in a collective) ends here
 
 
 def _launch(out: Path, mode: str) -> tuple[int, str, list[dict]]:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    env.pop("PL_GLOBAL_SEED", None)
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    # a session of its own, so that a timeout kills rank 1 (a child of rank 0) as well
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(out), mode],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"DDP run '{mode}' hung for {TIMEOUT_S}s:\n{output[-3000:]}")
+    returncode, output = launch_ddp(SCRIPT, str(out), mode, timeout=TIMEOUT_S)
     ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-    return proc.returncode, output, ranks
+    return returncode, output, ranks
 
 
 @pytest.fixture(scope="module")

@@ -136,11 +136,13 @@ class StopOnNonFinite(Callback):
     normalization statistics poisoned by a bad batch, which ``ModelCheckpoint(
     save_on_exception=True)`` would otherwise write on the way out. Lightning does not call
     callbacks when it writes weights-only checkpoints (``save_weights_only=True``); those are
-    covered by the per-step check only.
+    covered by the per-step check only. Weights are not re-checked after every step (that
+    would be a second synchronization): an overflowing step shows up as a nan loss at the next
+    step, and the error then names the non-finite weights as the cause.
 
     Cost: one fused max-|x| reduction over the gradients (and loss) and a single device
     synchronization per optimizer step, no copies; parameter names are looked up only after a
-    failure. On CPU it measured well under 1% of a ResNet-56 training step. Under DDP the
+    failure. On CPU it measured about 0.5% of a ResNet-56 training step (batch 128). Under DDP the
     verdict is summed over ranks (one 1-element all-reduce) so all ranks stop together. The
     checkpoint check costs one reduction over the state per checkpoint.
 
