@@ -105,6 +105,17 @@ def test_truncated_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("data", [b"not a checkpoint", b"hello\n", b"epoch,step\n0,1\n"])
+def test_a_file_that_is_no_checkpoint_is_unreadable_not_unsafe(tmp_path: Path, data) -> None:
+    """Text fails in torch's weights-only unpickler too (or raises KeyError, IndexError): one
+    CheckpointError saying the file is damaged, not that it could run code."""
+    path = tmp_path / "notes.ckpt"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint") as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.mkdir, (str(Path(__file__).parent / "MARKER_SHOULD_NOT_EXIST"),))
@@ -140,6 +151,9 @@ def test_check_compatible_names_what_differs() -> None:
         check_compatible({"a.weight": torch.zeros(3, 4)}, model)
     with pytest.raises(CheckpointError, match="another architecture: 1 entries missing"):
         check_compatible(model | {"b.bias": torch.zeros(2)}, model)
+    # a checkpoint of another model has no masks either, but is not a dense run of this one
+    with pytest.raises(CheckpointError, match="another architecture: 2 entries missing"):
+        check_compatible(model, {"layer.weight": torch.zeros(2, 4)})
 
 
 def test_load_from_checkpoint_of_another_backbone(tmp_path: Path) -> None:

@@ -168,3 +168,38 @@ def test_validate_and_test_from_the_fit_checkpoint(workdir, capsys):
     # the checkpoint's masks were loaded: validate reproduces the fit's last validation
     # accuracy (limit_val_batches=2 in both) to the printed digit
     assert str(summary["val_acc"]) in out
+
+
+def _epochs_logged(run: Path) -> list[int]:
+    rows = (run / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    column = header.index("epoch")
+    return sorted({int(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]})
+
+
+def test_ckpt_path_last_resumes_the_latest_run_in_its_directory(workdir):
+    main(["fit", "--config", RECIPE, "--config", CSV, *FAST])
+    run = workdir / "runs" / "lightning_logs" / "version_0"
+    config = (run / "config.yaml").read_bytes()
+    more = [a for a in FAST if "max_epochs" not in a] + ["--trainer.max_epochs=2"]
+    main(["fit", "--config", RECIPE, "--config", CSV, *more, "--ckpt_path", "last"])
+    assert [p.name for p in (workdir / "runs" / "lightning_logs").iterdir()] == ["version_0"]
+    assert _epochs_logged(run) == [0, 1]  # the first run's rows are kept, the new ones appended
+    assert (run / "config.yaml").read_bytes() == config
+    assert (run / "config.resume-1.yaml").is_file()
+    summary = json.loads((run / "summary-1.json").read_text())
+    assert summary["global_step"] == 6 and summary["epochs"] == 2
+
+
+def test_ckpt_path_last_with_no_run_yet_starts_one(workdir, capsys):
+    main(["fit", "--config", RECIPE, "--config", CSV, *FAST, "--ckpt_path", "last"])
+    assert (workdir / "runs" / "lightning_logs" / "version_0" / "summary.json").is_file()
+
+
+def test_ckpt_path_last_with_a_fixed_version_resumes_it(workdir):
+    fixed = ["--trainer.logger.init_args.version=7"]
+    main(["fit", "--config", RECIPE, "--config", CSV, *FAST, *fixed])
+    more = [a for a in FAST if "max_epochs" not in a] + ["--trainer.max_epochs=2"]
+    main(["fit", "--config", RECIPE, "--config", CSV, *more, *fixed, "--ckpt_path", "last"])
+    run = workdir / "runs" / "lightning_logs" / "version_7"
+    assert _epochs_logged(run) == [0, 1]

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 _TMP_SUFFIX = ".tmp"
+#: torch's weights-only refusals of a global, a class or a blocked module: an unsafe checkpoint
+_UNSAFE_PICKLE = re.compile(r"GLOBAL \S+|allowlisted|is blocked")
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.+)")
 
 
 class CheckpointError(ValueError):
@@ -51,8 +54,9 @@ def _is_remote(path: str | Path) -> bool:
 
 
 def _first_line(err: BaseException) -> str:
+    """The first sentence of an exception's message (PyTorch's run on for several)."""
     text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0].rstrip(".")
+    return text.splitlines()[0].split(". ")[0].rstrip(".")
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -122,20 +126,29 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        message = _first_line(err)
-        if "weights_only" in str(err) or "Weights only load failed" in str(err):
+        text = str(err)
+        if _UNSAFE_PICKLE.search(text):
             raise CheckpointError(
                 f"checkpoint {path} holds objects other than tensors and plain data, which could "
                 "run code when loaded; scl-lightning loads checkpoints with weights_only=True. "
                 "Re-save it as a plain state dict if you trust its source"
             ) from None
+        # garbage bytes also fail in the weights-only unpickler ("Unsupported operand 110"):
+        # that is a damaged file, not an unsafe one
+        reason = _UNPICKLER_REASON.search(text)
+        message = reason.group(1).strip().rstrip(".") if reason else _first_line(err)
         raise CheckpointError(
             f"checkpoint {path} is not a readable PyTorch checkpoint ({message}); it may be "
             "truncated: resume from an earlier checkpoint"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+    except MemoryError:
+        raise
+    except Exception as err:  # a damaged file makes torch.load raise almost anything
+        reason = _first_line(err)
+        if reason != type(err).__name__:
+            reason = f"{type(err).__name__}: {reason}"
         raise CheckpointError(
-            f"checkpoint {path} is not a readable PyTorch checkpoint ({_first_line(err)}); it "
+            f"checkpoint {path} is not a readable PyTorch checkpoint ({reason}); it "
             "may be truncated: resume from an earlier checkpoint"
         ) from None
     if not isinstance(checkpoint, dict):
@@ -212,12 +225,15 @@ def check_compatible(
             )
     masks_expected = {k for k in expected if k.endswith(".mask")}
     masks_found = {k for k in found if k.endswith(".mask")}
-    if masks_expected and not masks_found:
+    # "dense run" / "masked run" only when the rest agrees: the checkpoint of another model
+    # (no masks, other layer names) is another architecture, and sparsify would not help
+    same_layers = expected.keys() - masks_expected == found.keys() - masks_found
+    if same_layers and masks_expected and not masks_found:
         raise CheckpointError(
             f"{source} has no masks (a dense run, sparsify=False?) but this model is masked; "
             "resume a dense run with --model.sparsify false, or start the SCL run from scratch"
         )
-    if masks_found and not masks_expected:
+    if same_layers and masks_found and not masks_expected:
         raise CheckpointError(
             f"{source} holds masks but this model is dense (sparsify=False); load it with "
             "sparsify=True, or export its pruned weights with scl_lightning.export_pruned first"

@@ -32,7 +32,7 @@ from scl_lightning.callbacks.non_finite import NonFiniteError, StopOnNonFinite
 from scl_lightning.callbacks.rank_agreement import RankDivergenceError
 from scl_lightning.callbacks.run_summary import RunSummary
 from scl_lightning.callbacks.wandb_artifacts import WandbArtifacts
-from scl_lightning.checkpoint import CheckpointError, SafeCheckpointIO
+from scl_lightning.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
 from scl_lightning.loggers import active_wandb_loggers
 from scl_lightning.module import SCLModule
 
@@ -95,6 +95,10 @@ def _occupied_output_message(trainer: pl.Trainer, log_dir: str | None, resume: A
             continue
         if resume_path is not None and directory.resolve() in resume_path.parents:
             continue  # resuming this run: it continues in its own directory
+        if resume == "last" and any(
+            directory.glob(pattern) for pattern in ("last*.ckpt", "checkpoints/last*.ckpt")
+        ):
+            continue  # a fixed directory: Lightning resumes from its own `last` checkpoint
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         return (
             f"the {kind} {directory} already holds a run ({shown}) and would be overwritten; "
@@ -122,7 +126,7 @@ class SaveConfigToWandb(SaveConfigCallback):
             message = trainer.strategy.broadcast(message)
             if message:
                 raise OutputDirectoryError(message)
-            if resume and log_dir is not None:
+            if resume and log_dir is not None and (Path(log_dir) / self.config_filename).exists():
                 # the run directory's config.yaml is the original run's: keep it, and save this
                 # invocation's config next to it
                 self.config_filename = _free_name(Path(log_dir), "config.resume", ".yaml")
@@ -143,6 +147,8 @@ class SaveConfigToWandb(SaveConfigCallback):
             run.save(str(path), base_path=run.dir, policy="now")
 
 
+#: values of ``ckpt_path`` that Lightning resolves itself
+_SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 _VERSION_DIR = re.compile(r"version_(\d+)$")
 _VERSIONED_LOGGERS = ("CSVLogger", "TensorBoardLogger")
 _LIGHTNING_CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
@@ -212,6 +218,22 @@ class SCLCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` (weights_only, one-line error for a missing or damaged file),
+        but build the model from the given configuration.
+
+        Lightning's LightningCLI replaces the model arguments by the hyper-parameters stored in
+        the checkpoint, so ``--model.lam 4e-5 --ckpt_path ...`` would silently resume with the
+        old ``lam`` and ``--model.backbone resnet20`` with the old network. Here what is on the
+        command line and in the configs is what runs, and a checkpoint that does not fit it is
+        refused with one line (``SCLModule.on_load_checkpoint``)."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        path = self.config[subcommand].get("ckpt_path")
+        if path and str(path) not in _SPECIAL_CKPT_PATHS and "://" not in str(path):
+            load_checkpoint(path)
+
     @override
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
@@ -248,14 +270,25 @@ def _parse_error_line(err: ArgumentError) -> str:
     """jsonargparse's multi-line parse errors as one line."""
     text = str(err)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    key = re.match(r'Parser key "([^"]+)":', lines[0]) if lines else None
+    key = re.match(r'Parser key "([^"]+)":\s*(.*)$', lines[0]) if lines else None
     where = f"--{key.group(1)}: " if key else ""
     class_path = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", text)
     if class_path:
         return f"{where}cannot import {class_path.group(1)!r} ({class_path.group(2).strip()})"
-    expected = re.search(r"Expected a <class '(\w+)'>\. Got value: (.+)", text)
+    expected = re.search(r"Expected a <class '(\w+)'>\.? Got value: (.+)", text)
     if expected:
         return f"{where}expected a {expected.group(1)}, got {expected.group(2).strip()!r}"
+    given = re.search(r"Given value: (.+)", text)
+    if "Union subtypes" in text and given:
+        value = given.group(1).strip()
+        if "class_path" in text or "Expected a path" in text:
+            return (
+                f"{where}{value!r} is not an importable class (give its full import path, "
+                "e.g. scl_lightning.data.DigitsDataModule)"
+            )
+        return f"{where}{value!r} is not a valid value"
+    if key and key.group(2):  # the reason on the key's own line
+        return f"{where}{key.group(2)}"
     rest = lines[1:] if key else lines
     detail = "; ".join(line.lstrip("- ") for line in rest[:3])
     return f"{where}{detail}" if detail else where.rstrip(": ") or "invalid arguments"

@@ -132,6 +132,9 @@ class WandbLogger(_LightningWandbLogger):
         init_timeout: float = 30.0,
         **kwargs: Any,
     ) -> None:
+        # LightningCLI passes every wandb.init option it knows, unset ones as None: drop those,
+        # so they neither hide `settings` below nor override Lightning's own defaults
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}
         env_mode = os.environ.get("WANDB_MODE")
         if offline is None:
             offline = env_mode in ("offline", "dryrun") or (
@@ -182,9 +185,12 @@ class WandbLogger(_LightningWandbLogger):
             if not isinstance(err, wandb.errors.Error):
                 raise
             reason = " ".join(str(err).split()) or type(err).__name__
+            if len(reason) > 240:
+                reason = reason[:240].rsplit(" ", 1)[0] + " ..."
             rank_zero_warn(
-                f"W&B: cannot start an online run ({reason[:200]}); continuing offline under "
-                f"{Path(self.save_dir or '.') / 'wandb'}; upload later with `wandb sync`"
+                f"W&B: cannot start an online run ({reason}); continuing offline under "
+                f"{Path(self.save_dir or '.') / 'wandb'}; upload later with `wandb sync` (the "
+                "wait is the logger's init_timeout)"
             )
             self._offline = True
             self._log_model = False

@@ -343,7 +343,10 @@ class SCLModule(pl.LightningModule):
         masks = self.masks
         params = [p for p in self.parameters() if p.requires_grad]
         if self._optimizer_factory is not None:
-            optimizer = self._optimizer_factory(params)
+            try:
+                optimizer = self._optimizer_factory(params)
+            except ValueError as err:  # torch's own checks ("Invalid learning rate: -1.0")
+                raise ValueError(f"model.optimizer: {err}") from None
         else:
             optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
         mask_lr = self.mask_lr
