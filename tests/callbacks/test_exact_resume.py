@@ -14,7 +14,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from scl_lightning import SCLModule
-from scl_lightning.callbacks import ExactResume, MaskGradientNormalization
+from scl_lightning.callbacks import (
+    ExactResume,
+    MaskGradientNormalization,
+    SparseConnectivityLearning,
+)
 from scl_lightning.callbacks.exact_resume import _skip_batches, _SkipFirst, rng_state
 from scl_lightning.checkpoint import SafeCheckpointIO, load_checkpoint
 from scl_lightning.data import DigitsDataModule
@@ -42,17 +46,46 @@ def _backbone() -> nn.Module:
     )
 
 
+class _PlainModule(pl.LightningModule):
+    """Someone else's module (no SCL in it), for the drop-in callback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _backbone()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_acc", (self.net(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.7)]
+
+
 def _fit(
     root: Path,
     stop_at: int | None = None,
     resume: bool = False,
     exact: bool = True,
     epochs: int = 3,
+    variant: str = "module",
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     pl.seed_everything(0)
-    module = SCLModule(_backbone(), num_classes=10, input_shape=(1, 8, 8), lam=1e-3)
-    callbacks: list[Callback] = [
-        MaskGradientNormalization(),
+    module: pl.LightningModule
+    callbacks: list[Callback] = []
+    if variant == "drop-in":
+        module = _PlainModule()
+        callbacks.append(SparseConnectivityLearning(lam=1e-3, flops=False, target="net"))
+    else:
+        # "phases": dense warm-up in epoch 0, masks frozen from epoch 2 (a resume crosses both)
+        phases = {"warmup_epochs": 1, "freeze_masks_epoch": 2} if variant == "phases" else {}
+        module = SCLModule(_backbone(), num_classes=10, input_shape=(1, 8, 8), lam=1e-3, **phases)
+        callbacks.append(MaskGradientNormalization())
+    callbacks += [
         # mid-epoch on a step interval, and at every epoch end
         ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=5, save_top_k=0),
         ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0),
@@ -111,6 +144,14 @@ def test_resumed_run_is_bit_identical(tmp_path: Path, reference: Any, stop_at: i
     # the masks learned something, so the comparison covers them
     masks = [v for k, v in resumed[0].items() if k.endswith(".mask")]
     assert masks and any(bool((m <= 0).any()) for m in masks)
+
+
+@pytest.mark.parametrize("variant", ["phases", "drop-in"])
+def test_resume_is_exact_across_phases_and_with_the_drop_in(tmp_path: Path, variant: str) -> None:
+    reference = _fit(tmp_path / "ref", variant=variant)
+    _fit(tmp_path / "run", stop_at=8, variant=variant)  # epoch 0
+    _fit(tmp_path / "run", stop_at=20, resume=True, variant=variant)  # epoch 1
+    _assert_same(_fit(tmp_path / "run", resume=True, variant=variant), reference)
 
 
 def test_resuming_twice_in_one_epoch_is_still_exact(tmp_path: Path, reference: Any) -> None:
