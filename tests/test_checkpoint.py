@@ -171,3 +171,39 @@ def test_load_from_checkpoint_of_another_backbone(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"mask .* has shape"):
         SCLModule.load_from_checkpoint(path, num_classes=5)
     assert SCLModule.load_from_checkpoint(path).total_connections == module.total_connections
+
+
+def test_checkpoints_get_the_usual_file_mode(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        atomic_torch_save({"step": 1}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o644  # readable by colleagues
+
+
+def test_temporary_files_of_any_killed_save_are_cleaned_up(tmp_path: Path) -> None:
+    # a kill during the save of a one-off name (a top-k checkpoint) is never retried
+    leftover = tmp_path / ".epoch=3-step=92.ckpt.abc123.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    atomic_torch_save({"step": 1}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_checkpoint_without_metric_states_still_loads(tmp_path: Path) -> None:
+    """Checkpoints saved before the running train accuracy was checkpointed lack its states."""
+    import lightning.pytorch as pl
+
+    module = SCLModule("lenet_300_100", num_classes=10, input_shape=(1, 8, 8))
+    trainer = pl.Trainer(logger=False, max_epochs=0, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    metric_keys = [k for k in checkpoint["state_dict"] if k.startswith("train_acc")]
+    assert metric_keys
+    for key in metric_keys:
+        del checkpoint["state_dict"][key]
+    torch.save(checkpoint, path)
+    loaded = SCLModule.load_from_checkpoint(path)
+    assert torch.equal(loaded.model.layers[1].mask, module.model.layers[1].mask)

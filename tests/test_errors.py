@@ -463,17 +463,23 @@ def test_checkpoint_with_other_mask_shapes(workdir, capsys):
 # -------------------------------------------------------------------------------- outputs
 
 
-def test_output_directory_holding_a_finished_run(workdir, capsys):
+@pytest.mark.parametrize(
+    "logger", ["scl_lightning.loggers.CSVLogger", "lightning.pytorch.loggers.CSVLogger"]
+)
+def test_output_directory_holding_a_finished_run(workdir, capsys, logger):
+    # Lightning's own CSVLogger deletes metrics.csv as soon as it starts in a directory: the
+    # check runs before any logger starts
     (workdir / "fixed.yaml").write_text(
         "trainer:\n"
         "  logger:\n"
-        "    - class_path: scl_lightning.loggers.CSVLogger\n"
+        f"    - class_path: {logger}\n"
         "      init_args: {save_dir: runs, name: fixed, version: 0}\n"
     )
     args = ["fit", *BASE, "--config", "fixed.yaml"]
     main(args)
     run = workdir / "runs" / "fixed" / "version_0"
     assert (run / "summary.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "metrics.csv").is_file()
     before = _hashes(workdir)
     line = _fails(capsys, [*args, "--model.lam=4e-5"], "output_dir_taken")
     assert str(Path("runs") / "fixed" / "version_0") in line

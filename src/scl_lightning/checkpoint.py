@@ -73,6 +73,12 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save(obj, path)`` that never leaves ``path`` half-written.
 
@@ -93,11 +99,16 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}."
-    for stale in directory.glob(f"{prefix}*{_TMP_SUFFIX}"):
-        stale.unlink(missing_ok=True)
+    # temporary files of writers killed mid-save: of this file, and of any checkpoint here (a
+    # one-off top-k name is never saved again)
+    stale = {*directory.glob(f"{prefix}*{_TMP_SUFFIX}"), *directory.glob(f".*.ckpt.*{_TMP_SUFFIX}")}
+    for leftover in stale:
+        leftover.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=_TMP_SUFFIX, dir=directory)
     tmp = Path(tmp_name)
     try:
+        # mkstemp creates the file for its owner only; give it the mode a plain open() would
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -135,8 +146,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             ) from None
         # garbage bytes also fail in the weights-only unpickler ("Unsupported operand 110"):
         # that is a damaged file, not an unsafe one
-        reason = _UNPICKLER_REASON.search(text)
-        message = reason.group(1).strip().rstrip(".") if reason else _first_line(err)
+        found = _UNPICKLER_REASON.search(text)
+        message = found.group(1).strip().rstrip(".") if found else _first_line(err)
         raise CheckpointError(
             f"checkpoint {path} is not a readable PyTorch checkpoint ({message}); it may be "
             "truncated: resume from an earlier checkpoint"
@@ -144,11 +155,11 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     except MemoryError:
         raise
     except Exception as err:  # a damaged file makes torch.load raise almost anything
-        reason = _first_line(err)
-        if reason != type(err).__name__:
-            reason = f"{type(err).__name__}: {reason}"
+        detail = _first_line(err)
+        if detail != type(err).__name__:
+            detail = f"{type(err).__name__}: {detail}"
         raise CheckpointError(
-            f"checkpoint {path} is not a readable PyTorch checkpoint ({reason}); it "
+            f"checkpoint {path} is not a readable PyTorch checkpoint ({detail}); it "
             "may be truncated: resume from an earlier checkpoint"
         ) from None
     if not isinstance(checkpoint, dict):

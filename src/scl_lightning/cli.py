@@ -120,12 +120,6 @@ class SaveConfigToWandb(SaveConfigCallback):
         if stage == "fit" and not self.already_saved:
             resume = self.config.get("ckpt_path")
             log_dir = trainer.log_dir  # a collective (it broadcasts): called on every rank
-            message = None
-            if trainer.is_global_zero:
-                message = _occupied_output_message(trainer, log_dir, resume)
-            message = trainer.strategy.broadcast(message)
-            if message:
-                raise OutputDirectoryError(message)
             if resume and log_dir is not None and (Path(log_dir) / self.config_filename).exists():
                 # the run directory's config.yaml is the original run's: keep it, and save this
                 # invocation's config next to it
@@ -239,11 +233,22 @@ class SCLCLI(LightningCLI):
         if self.subcommand == "fit":
             config = self.config["fit"]
             _resolve_last_checkpoint(config)
-            if config.get("ckpt_path"):
-                # Lightning's CSVLogger deletes the metrics.csv of the run being resumed
-                for logger in _logger_configs(config.trainer):
-                    if logger.get("class_path") == _LIGHTNING_CSV_LOGGER:
-                        logger.class_path = "scl_lightning.loggers.CSVLogger"
+            # Lightning's CSVLogger deletes the metrics.csv of a directory it starts in (a resumed
+            # run's, or one given by a fixed version), before anything can check the directory
+            for logger in _logger_configs(config.trainer):
+                if logger.get("class_path") == _LIGHTNING_CSV_LOGGER:
+                    logger.class_path = "scl_lightning.loggers.CSVLogger"
+
+    def before_fit(self) -> None:
+        """Refuse to start where another run's files would be overwritten. Runs before
+        ``trainer.fit`` (so before any logger has created or touched its directory), on every
+        process, reading only."""
+        trainer = self.trainer
+        message = _occupied_output_message(
+            trainer, trainer.log_dir, self.config["fit"].get("ckpt_path")
+        )
+        if message:
+            raise OutputDirectoryError(message)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
@@ -299,7 +300,16 @@ class SCLModule(pl.LightningModule):
                 f"{source} was trained with backbone {trained!r} and this run builds {here!r}; "
                 f"pass --model.backbone {trained} (or the checkpoint of a {here} run)"
             )
-        check_compatible(self.state_dict(), checkpoint.get("state_dict", {}), source)
+        # metric states (the running train accuracy) are not part of the architecture, and
+        # checkpoints saved before they were persistent lack them
+        metrics = tuple(f"{n}." for n, m in self.named_modules() if isinstance(m, Metric))
+
+        def weights(state: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in state.items() if not k.startswith(metrics)}
+
+        check_compatible(
+            weights(self.state_dict()), weights(checkpoint.get("state_dict", {})), source
+        )
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -73,6 +73,9 @@ def _fit(
     exact: bool = True,
     epochs: int = 3,
     variant: str = "module",
+    every: int = 5,
+    num_workers: int = 0,
+    check_val_every_n_epoch: int = 1,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     pl.seed_everything(0)
     module: pl.LightningModule
@@ -87,7 +90,7 @@ def _fit(
         callbacks.append(MaskGradientNormalization())
     callbacks += [
         # mid-epoch on a step interval, and at every epoch end
-        ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=5, save_top_k=0),
+        ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=every, save_top_k=0),
         ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0),
     ]
     if exact:
@@ -97,7 +100,9 @@ def _fit(
     trainer = pl.Trainer(
         max_epochs=epochs,
         limit_train_batches=STEPS_PER_EPOCH,
-        val_check_interval=6,  # validation mid-epoch too
+        # validation mid-epoch too (unless only every other epoch)
+        val_check_interval=6 if check_val_every_n_epoch == 1 else 1.0,
+        check_val_every_n_epoch=check_val_every_n_epoch,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -106,7 +111,7 @@ def _fit(
         plugins=[SafeCheckpointIO()],
         default_root_dir=root,
     )
-    datamodule = DigitsDataModule(batch_size=32)
+    datamodule = DigitsDataModule(batch_size=32, num_workers=num_workers)
     if stop_at is not None:
         with pytest.raises(_Stop):
             trainer.fit(module, datamodule=datamodule, ckpt_path="last" if resume else None)
@@ -152,6 +157,22 @@ def test_resume_is_exact_across_phases_and_with_the_drop_in(tmp_path: Path, vari
     _fit(tmp_path / "run", stop_at=8, variant=variant)  # epoch 0
     _fit(tmp_path / "run", stop_at=20, resume=True, variant=variant)  # epoch 1
     _assert_same(_fit(tmp_path / "run", resume=True, variant=variant), reference)
+
+
+def test_resume_with_persistent_workers(tmp_path: Path) -> None:
+    # the loader keeps one iterator across epochs, holding the sampler it was created with
+    reference = _fit(tmp_path / "ref", epochs=2, num_workers=1)
+    _fit(tmp_path / "run", stop_at=8, epochs=2, num_workers=1)
+    _assert_same(_fit(tmp_path / "run", resume=True, epochs=2, num_workers=1), reference)
+
+
+def test_resume_from_a_step_checkpoint_at_an_epoch_end_without_validation(tmp_path: Path) -> None:
+    # the step checkpoint falls on the epoch's last batch and that epoch does not validate:
+    # Lightning re-creates the validation iterator on resume, which must not move the RNG
+    kwargs = {"every": 6, "check_val_every_n_epoch": 2}
+    reference = _fit(tmp_path / "ref", **kwargs)
+    _fit(tmp_path / "run", stop_at=13, **kwargs)
+    _assert_same(_fit(tmp_path / "run", resume=True, **kwargs), reference)
 
 
 def test_resuming_twice_in_one_epoch_is_still_exact(tmp_path: Path, reference: Any) -> None:

@@ -102,6 +102,11 @@ def _skip_batches(loader: Any, n: int) -> bool:
     # DataLoader forbids reassigning its sampler after __init__; its iterators read it through
     # `_index_sampler` when they are created, so swapping the attribute is enough
     object.__setattr__(loader, attr, _SkipFirst(inner, n))
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        # persistent workers: the loader keeps one iterator, which holds on to the sampler it
+        # was created with and reuses it on every later pass
+        iterator._index_sampler = loader._index_sampler
     return True
 
 
@@ -134,8 +139,15 @@ class ExactResume(Callback):
       generator and is reproducible only at epoch boundaries.
 
     With a fixed seed and deterministic kernels (on CPU), the resumed run ends with the same
-    masks, weights and metrics, bit for bit. Randomness in DataLoader worker processes (per-image
-    augmentation with ``num_workers > 0``) is re-seeded on resume and not repeated.
+    masks, weights and metrics, bit for bit. Two conditions, met by this package's data modules:
+    the DataLoaders have a ``generator`` of their own
+    (:func:`~scl_lightning.data.sampling.loader_generator`), since an iterator without one draws
+    its workers' seed from the global generator, and Lightning creates iterators on resume that
+    the uninterrupted run did not; and augmentation either runs in the training step or is seeded
+    per batch. Randomness in DataLoader worker processes (per-image augmentation with
+    ``num_workers > 0``) is re-seeded on resume and not repeated. Lightning itself does not
+    repeat a validation that was due right after the checkpoint's step (the final metrics are the
+    same; a monitored checkpoint or early stopping sees one validation fewer).
 
     ``scl fit`` adds this callback by itself. Pair it with a checkpoint on a step interval, e.g.
     ``ModelCheckpoint(save_last=True, every_n_train_steps=500)``, and resume with

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from typing_extensions import override
 
 from ._archive import ArchiveError, check_md5, download_file, restricted_pickle_load, safe_extract
-from .sampling import EpochShuffleSampler, global_seed
+from .sampling import EpochShuffleSampler, global_seed, loader_generator
 from .transforms import BatchAugment
 
 __all__ = [
@@ -477,6 +477,9 @@ class CIFARDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and _accelerator_available(),
             persistent_workers=self.num_workers > 0,
+            # its own generator for the workers' base seed, so creating an iterator never draws
+            # from the global one (training-step randomness stays exact across a resume)
+            generator=loader_generator(self._train_seed()),
             drop_last=False,
         )
 

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from .sampling import EpochShuffleSampler, global_seed
+from .sampling import EpochShuffleSampler, global_seed, loader_generator
 
 __all__ = ["DigitsDataModule"]
 
@@ -186,6 +186,9 @@ class DigitsDataModule(LightningDataModule):
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # its own generator for the workers' base seed, so creating an iterator never draws
+            # from the global one (training-step randomness stays exact across a resume)
+            generator=loader_generator(global_seed()),
         )
 
     def train_dataloader(self) -> DataLoader:

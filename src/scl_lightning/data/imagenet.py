@@ -21,7 +21,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .sampling import EpochShuffleSampler, global_seed
+from .sampling import EpochShuffleSampler, global_seed, loader_generator
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -719,6 +719,9 @@ class ImageNetDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and _accelerator_available(),
             persistent_workers=self.num_workers > 0,
+            # its own generator for the workers' base seed, so creating an iterator never draws
+            # from the global one (training-step randomness stays exact across a resume)
+            generator=loader_generator(global_seed()),
         )
 
     def train_dataloader(self) -> DataLoader:
