@@ -1,35 +1,44 @@
-"""Train-step time and peak memory: dense vs SCL vs Lightning's ModelPruning, side by side.
+"""Train-step time and peak memory of SCL against dense training and Lightning's ModelPruning,
+side by side in one run, with the cost of ``SparsityMonitor`` and of the drop-in callback.
 
-For the digits MLP (``lenet_300_100``, 1x8x8 inputs) and CIFAR ResNet-56 (3x32x32), both at batch
-128 on synthetic data (random tensors, nothing downloaded), the median time of one training step
-through a real Lightning ``Trainer``, for three variants of the same model:
+For the digits MLP (``lenet_300_100``) and CIFAR ResNet-56, both at batch 128 on synthetic data of
+CIFAR's shape (random 3x32x32 tensors, nothing downloaded; ``--mlp-shape 1 8 8`` gives the MLP its
+digits shape), the median time of one training step through a real Lightning ``Trainer``, for
+these variants of the same network:
 
 - **dense**: ``SCLModule(..., sparsify=False)`` (SGD, momentum 0.9, constant learning rate);
 - **SCL**: ``SCLModule`` with masked layers and the connection penalty, plus
   ``MaskGradientNormalization`` and ``SparsityMonitor`` at its default interval (the Trainer's
   ``log_every_n_steps``, 50);
+- **SCL, no monitor**: the same without ``SparsityMonitor``;
+- **drop-in**: a plain LightningModule (the backbone, cross-entropy, the same SGD) with the
+  ``SparseConnectivityLearning`` callback (masks, penalty, normalization and its monitor);
 - **pruning**: the dense module with Lightning's ``ModelPruning("l1_unstructured", amount=0.5)``.
   ``ModelPruning`` prunes at the end of a training epoch, so a small callback calls its own
   ``apply_pruning(0.5)`` in ``on_train_start``: every timed step then runs with the
-  ``torch.nn.utils.prune`` parametrization active (``weight = weight_orig * weight_mask`` recomputed
-  in a forward pre-hook). Lightning's defaults are kept otherwise: global unstructured L1 over
-  every ``weight`` and ``bias`` of every layer (BatchNorm included).
+  ``torch.nn.utils.prune`` parametrization active. Lightning's defaults are kept otherwise.
 
 A step is the time from one ``on_train_batch_start`` to the next (forward, backward, optimizer
 step, every callback's batch hooks and Lightning's logging; batches are pre-built tensors, so
 fetching one is free), with ``torch.cuda.synchronize`` on CUDA. Each run is a fresh ``Trainer.fit``
 in a fresh subprocess: the first ``--warmup`` steps are discarded, the next ``--steps`` timed.
 Each repetition runs every variant once, in an order rotated per repetition, so background load
-hits all alike; the table shows the median step over all repetitions' timed steps, and its ratio
-to dense. The median leaves out the rare logging steps of ``SparsityMonitor``; the mean is printed
-too.
+hits all alike; the table shows the median step over all repetitions' timed steps and its ratio
+to dense.
+
+**Monitor cost.** In the SCL runs the ``SparsityMonitor`` hooks are timed on their own: the FLOPs
+trace (once, on the first batch), the per-step cost of its hooks on steps that do not log, and
+the cost of one log (``compute`` of every layer's sparsity and FLOPs, timed 20 times after the
+fit, plus Lightning's logging of the values, measured in the hooks of logging steps when the run
+has one). The overhead at the default interval is ``(per-step + per-log / interval) / step``.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during fit; on CPU the growth of the
 subprocess's peak resident set size (``ru_maxrss``) from just before the module is built to the
 end of fit, which is why each run has a process of its own. The median over repetitions.
 
     PYTHONPATH=src python bench/step_time.py [--models mlp resnet56] [--reps 3] [--threads 0]
-        [--steps 30] [--resnet-steps 8] [--warmup 5] [--resnet-warmup 3] [--json out.json]
+        [--steps 60] [--resnet-steps 8] [--warmup 5] [--resnet-warmup 3] [--json out.json]
+        [--precision 32-true] [--channels-last] [--compile]
 """
 
 from __future__ import annotations
@@ -46,10 +55,11 @@ import time
 from typing import Any
 
 MODELS = {
-    "mlp": ("lenet_300_100", (1, 8, 8)),
+    "mlp": ("lenet_300_100", (3, 32, 32)),
     "resnet56": ("resnet56", (3, 32, 32)),
 }
-VARIANTS = ("dense", "SCL", "pruning")
+VARIANTS = ("dense", "SCL", "SCL-nomon", "drop-in", "pruning")
+LABELS = {"SCL-nomon": "SCL, no monitor"}
 BATCH = 128
 
 
@@ -60,20 +70,37 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_one(model: str, variant: str, steps: int, warmup: int, threads: int) -> dict[str, Any]:
-    """One fresh ``Trainer.fit`` of ``variant``; the timed step times (s) and peak memory."""
+def run_one(
+    model: str,
+    variant: str,
+    steps: int,
+    warmup: int,
+    threads: int,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """One fresh ``Trainer.fit`` of ``variant``: the timed step times (s), peak memory, and for
+    SCL the monitor's timings."""
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import Callback, ModelPruning
+    from torch.nn import functional as F
     from torch.utils.data import DataLoader
 
+    import scl_lightning.callbacks.sparsity_monitor as monitor_module
     from scl_lightning import SCLModule
-    from scl_lightning.callbacks import MaskGradientNormalization, SparsityMonitor
+    from scl_lightning.callbacks import (
+        MaskGradientNormalization,
+        SparseConnectivityLearning,
+        SparsityMonitor,
+    )
+    from scl_lightning.models import create_model
 
     if threads:
         torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
     name, shape = MODELS[model]
+    if model == "mlp" and options.get("mlp_shape"):
+        shape = tuple(options["mlp_shape"])
     total = warmup + steps + 1  # + 1: the last step's end is the next step's start
     g = torch.Generator().manual_seed(0)
     n_batches = 4  # cycled: fresh tensors every step would only add data-generation noise
@@ -96,7 +123,6 @@ def run_one(model: str, variant: str, steps: int, warmup: int, threads: int) -> 
 
         def __init__(self, pruning: ModelPruning) -> None:
             self.pruning = pruning
-
             self.pruned_fraction = 0.0
 
         def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
@@ -108,24 +134,103 @@ def run_one(model: str, variant: str, steps: int, warmup: int, threads: int) -> 
                 zeros = sum(int((m == 0).sum()) for m in masks)
                 self.pruned_fraction = zeros / max(sum(m.numel() for m in masks), 1)
 
+    class TimedMonitor(SparsityMonitor):
+        """SparsityMonitor whose batch hooks are timed, and whose FLOPs traces are counted."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.trace_s = 0.0
+            self.quiet_s: list[float] = []  # start + end hooks of a step that does not log
+            self.logging_s: list[float] = []  # the same, on a step that logs
+            self._start_s = 0.0
+            self._logged = False
+
+        def _log(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            self._logged = True
+            super()._log(*args, **kwargs)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+            first = self.flop_counts is None
+            _sync()
+            t = time.perf_counter()
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+            _sync()
+            if first:
+                self.trace_s = time.perf_counter() - t
+            else:
+                self._start_s = time.perf_counter() - t
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+            self._logged = False
+            _sync()
+            t = time.perf_counter()
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            _sync()
+            spent = time.perf_counter() - t + self._start_s
+            if trainer.global_step > warmup:
+                (self.logging_s if self._logged else self.quiet_s).append(spent)
+
+    traces = []
+    original_count_flops = monitor_module.count_flops
+
+    def counting_count_flops(*args, **kwargs):  # type: ignore[no-untyped-def]
+        traces.append(1)
+        return original_count_flops(*args, **kwargs)
+
+    monitor_module.count_flops = counting_count_flops
+
+    class PlainClassifier(pl.LightningModule):
+        """Someone else's module: a backbone, cross-entropy and the SGD of SCLModule."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = create_model(name, num_classes=10, input_shape=shape)
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            return self.model(x)
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
     pl.seed_everything(0, verbose=False)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    module = SCLModule(
-        name, num_classes=10, input_shape=shape, sparsify=variant == "SCL", constant_lr=True
-    )
+    module: pl.LightningModule
+    if variant == "drop-in":
+        module = PlainClassifier()
+    else:
+        sparse = variant in ("SCL", "SCL-nomon")
+        module = SCLModule(
+            name, num_classes=10, input_shape=shape, sparsify=sparse, constant_lr=True
+        )
+    if options.get("channels_last"):
+        module = module.to(memory_format=torch.channels_last)
     timer = StepTimer()
     callbacks: list[Callback] = [timer]
+    monitor = None
     if variant == "SCL":
-        callbacks += [MaskGradientNormalization(), SparsityMonitor()]
+        monitor = TimedMonitor()
+        callbacks += [MaskGradientNormalization(), monitor]
+    elif variant == "SCL-nomon":
+        callbacks += [MaskGradientNormalization()]
+    elif variant == "drop-in":
+        callbacks += [SparseConnectivityLearning(lam=2e-5, mask_lr=0.01)]
     elif variant == "pruning":
         pruning = ModelPruning("l1_unstructured", amount=0.5)
         pruner = PruneBeforeTiming(pruning)
         callbacks += [pruning, pruner]
+    if options.get("compile"):
+        # compiles the network the module runs (masked layers included); Lightning trains it
+        module.model = torch.compile(module.model)  # type: ignore[assignment]
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu",
         devices=1,
+        precision=options.get("precision") or "32-true",
         max_steps=total,
         max_epochs=1,
         logger=False,
@@ -145,7 +250,29 @@ def run_one(model: str, variant: str, steps: int, warmup: int, threads: int) -> 
         peak_mib = (rss_after - rss_before) / 1024
     starts = timer.starts
     step_times = [b - a for a, b in zip(starts[warmup:], starts[warmup + 1 :], strict=False)]
-    return {"step_s": step_times, "peak_mib": peak_mib}
+    result: dict[str, Any] = {"step_s": step_times, "peak_mib": peak_mib}
+    if monitor is not None:
+        compute_s = []
+        for _ in range(20):
+            _sync()
+            t = time.perf_counter()
+            monitor.compute(module)
+            _sync()
+            compute_s.append(time.perf_counter() - t)
+        result["monitor"] = {
+            "trace_s": monitor.trace_s,
+            "traces": len(traces),
+            "quiet_s": monitor.quiet_s,
+            "logging_s": monitor.logging_s,
+            "compute_s": compute_s,
+            "interval": monitor._interval,
+        }
+    return result
+
+
+TARGETS = {"mlp": 1.10, "resnet56": 1.05}  # SCL/dense step time
+MEMORY_TARGET = 1.3
+MONITOR_TARGET = 0.01
 
 
 def _child(args: argparse.Namespace, model: str, variant: str) -> dict[str, Any]:
@@ -154,15 +281,17 @@ def _child(args: argparse.Namespace, model: str, variant: str) -> dict[str, Any]
         if model == "resnet56"
         else (args.steps, args.warmup)
     )
+    options = {
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "mlp_shape": args.mlp_shape,
+    }
     cmd = [
         sys.executable,
         __file__,
         "--_one",
-        model,
-        variant,
-        str(steps),
-        str(warmup),
-        str(args.threads),
+        json.dumps([model, variant, steps, warmup, args.threads, options]),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -170,21 +299,93 @@ def _child(args: argparse.Namespace, model: str, variant: str) -> dict[str, Any]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1000 if values else float("nan")
+
+
+def _report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[list[str], dict]:
+    memory = "peak CUDA MiB" if results["cuda"] else "peak RSS growth MiB"
+    lines = [
+        f"| model | variant | median ms/step | ratio to dense | target | {memory} | memory ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    summary: dict[str, Any] = {}
+    monitor_lines = [
+        "| model | FLOPs traces | trace ms (once) | hooks ms/step | one log ms | interval | "
+        "overhead at the interval | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for model in args.models:
+        runs = results["runs"][model]
+        med = {v: _median_ms([s for r in runs[v] for s in r["step_s"]]) for v in VARIANTS}
+        mem = {v: statistics.median(r["peak_mib"] for r in runs[v]) for v in VARIANTS}
+        for variant in VARIANTS:
+            ratio = med[variant] / med["dense"]
+            mem_ratio = mem[variant] / mem["dense"] if mem["dense"] > 0 else float("nan")
+            target = ""
+            if variant == "SCL":
+                ok = ratio <= TARGETS[model] and mem_ratio <= MEMORY_TARGET
+                target = (
+                    f"<= {TARGETS[model]:.2f}, mem <= {MEMORY_TARGET}: {'met' if ok else 'MISSED'}"
+                )
+            if variant == "drop-in":
+                target = f"{med['drop-in'] / med['SCL']:.3f} x SCLModule"
+            lines.append(
+                f"| {model} | {LABELS.get(variant, variant)} | {med[variant]:.1f} | {ratio:.3f} | "
+                f"{target} | {mem[variant]:.1f} | {mem_ratio:.2f} |"
+            )
+            summary[f"{model}/{variant}"] = {
+                "median_ms": med[variant],
+                "ratio": ratio,
+                "peak_mib": mem[variant],
+                "memory_ratio": mem_ratio,
+                "steps": sum(len(r["step_s"]) for r in runs[variant]),
+            }
+        mons = [r["monitor"] for r in runs["SCL"]]
+        quiet = _median_ms([q for m in mons for q in m["quiet_s"]])
+        logged = [x for m in mons for x in m["logging_s"]]
+        compute = _median_ms([c for m in mons for c in m["compute_s"]])
+        # a log: measured in the hooks when a logging step fell in a run, else compute() alone
+        one_log = _median_ms(logged) if logged else compute
+        interval = mons[0]["interval"]
+        overhead = (quiet + one_log / interval) / med["SCL"]
+        traces = max(m["traces"] for m in mons)
+        trace_ms = statistics.median(m["trace_s"] for m in mons) * 1000
+        monitor_lines.append(
+            f"| {model} | {traces} | {trace_ms:.1f} | {quiet:.3f} | {one_log:.2f} | {interval} | "
+            f"{overhead:.2%} | <= 1%: {'met' if overhead <= MONITOR_TARGET else 'MISSED'} |"
+        )
+        summary[f"{model}/monitor"] = {
+            "traces": traces,
+            "trace_ms": trace_ms,
+            "hooks_ms_per_step": quiet,
+            "one_log_ms": one_log,
+            "compute_ms": compute,
+            "interval": interval,
+            "overhead": overhead,
+        }
+    return [*lines, "", "SparsityMonitor alone (in the SCL runs):", "", *monitor_lines], summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per run, MLP")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per run, MLP")
     parser.add_argument("--warmup", type=int, default=5, help="untimed first steps, MLP")
     parser.add_argument("--resnet-steps", type=int, default=8, help="timed steps, ResNet-56")
     parser.add_argument("--resnet-warmup", type=int, default=3, help="untimed steps, ResNet-56")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch default")
+    parser.add_argument("--mlp-shape", type=int, nargs=3, default=None, help="e.g. 1 8 8")
+    parser.add_argument("--precision", default=None, help="Trainer precision, e.g. bf16-mixed")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--_one", nargs=5, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._one is not None:
-        model, variant, steps, warmup, threads = args._one
-        print(json.dumps(run_one(model, variant, int(steps), int(warmup), int(threads))))
+        model, variant, steps, warmup, threads, options = json.loads(args._one)
+        print(json.dumps(run_one(model, variant, steps, warmup, threads, options)))
         return
 
     import lightning
@@ -193,53 +394,37 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
     threads = args.threads or torch.get_num_threads()
+    extras = [
+        f"precision {args.precision or '32-true'}",
+        *(["channels_last"] if args.channels_last else []),
+        *(["torch.compile"] if args.compile else []),
+    ]
     print(
         f"{device}; {platform.python_version()}, torch {torch.__version__}, "
-        f"Lightning {lightning.__version__}; torch threads {threads}; batch {BATCH}"
+        f"Lightning {lightning.__version__}; torch threads {threads}; batch {BATCH}; "
+        + ", ".join(extras),
+        flush=True,
     )
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
         m: {v: [] for v in VARIANTS} for m in args.models
     }
     t0 = time.perf_counter()
     for model in args.models:
         for rep in range(args.reps):
-            order = VARIANTS[rep % 3 :] + VARIANTS[: rep % 3]
-            for variant in order:
-                results[model][variant].append(_child(args, model, variant))
+            k = rep % len(VARIANTS)
+            for variant in VARIANTS[k:] + VARIANTS[:k]:
+                runs[model][variant].append(_child(args, model, variant))
             print(f"  {model}: repetition {rep + 1}/{args.reps} done", flush=True)
-    memory = "peak CUDA MiB" if cuda else "peak RSS growth MiB"
-    header = (
-        f"| model | variant | median ms/step | mean ms/step | ratio to dense | "
-        f"{memory} | memory ratio |"
-    )
-    lines = [header, "| --- | --- | --- | --- | --- | --- | --- |"]
-    summary: dict[str, Any] = {}
-    for model in args.models:
-        med = {}
-        mem = {}
-        for variant in VARIANTS:
-            runs = results[model][variant]
-            steps = [s for r in runs for s in r["step_s"]]
-            med[variant] = statistics.median(steps) * 1000
-            mem[variant] = statistics.median(r["peak_mib"] for r in runs)
-            summary[f"{model}/{variant}"] = {
-                "median_ms": med[variant],
-                "mean_ms": statistics.fmean(steps) * 1000,
-                "peak_mib": mem[variant],
-                "steps": len(steps),
-            }
-        for variant in VARIANTS:
-            s = summary[f"{model}/{variant}"]
-            mem_ratio = mem[variant] / mem["dense"] if mem["dense"] > 0 else float("nan")
-            lines.append(
-                f"| {model} | {variant} | {s['median_ms']:.1f} | {s['mean_ms']:.1f} | "
-                f"{med[variant] / med['dense']:.3f} | {s['peak_mib']:.1f} | {mem_ratio:.2f} |"
-            )
+    lines, summary = _report(args, {"cuda": cuda, "runs": runs})
     print("\n".join(lines))
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "threads": threads, "results": summary}, f, indent=2)
+            json.dump(
+                {"device": device, "threads": threads, "options": extras, "results": summary},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -60,9 +60,10 @@ def normalize_per_feature(
     # round to 0 (an all-zero feature would become 0/0 = NaN), and float64 must keep its precision.
     gw = g.to(torch.promote_types(g.dtype, torch.float32))
     if mode == "rms":
-        scale = gw.pow(2).mean(dim=1, keepdim=True).sqrt()
+        # one reading pass, no squared temporary the size of the gradient
+        scale = torch.linalg.vector_norm(gw, dim=1, keepdim=True).mul_(gw.shape[1] ** -0.5)
     elif mode == "l2":
-        scale = gw.norm(dim=1, keepdim=True)
+        scale = torch.linalg.vector_norm(gw, dim=1, keepdim=True)
     else:
         scale = gw.abs().amax(dim=1, keepdim=True)
     scale = scale.add_(eps)

@@ -28,6 +28,7 @@ __all__ = [
     "IdentitySTE",
     "LeakyReLUSTE",
     "SoftplusSTE",
+    "active_count",
     "available_stes",
     "get_ste",
     "heaviside",
@@ -53,6 +54,11 @@ class STE:
 
     def proxy(self, m: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def scale(self, grad: Tensor, m: Tensor) -> Tensor:
+        """``grad * proxy(m)``: the chain rule through the step. Estimators whose proxy is
+        trivial override it to skip the multiplication (``identity`` returns ``grad``)."""
+        return grad * self.proxy(m)
 
     def hparams(self) -> dict[str, float]:
         """The estimator's hyper-parameters, as accepted by :func:`get_ste`."""
@@ -82,6 +88,9 @@ class IdentitySTE(STE):
 
     def proxy(self, m: Tensor) -> Tensor:
         return torch.ones_like(m)
+
+    def scale(self, grad: Tensor, m: Tensor) -> Tensor:
+        return grad  # times 1: no pass over the weights, no temporary
 
 
 class LeakyReLUSTE(STE):
@@ -205,6 +214,38 @@ def get_ste(ste: str | STE, **kwargs: Any) -> STE:
         raise ValueError(f"bad hyper-parameters {kwargs} for STE {ste!r}: {err}") from None
 
 
+class _ActiveCount(torch.autograd.Function):
+    """``sum(H(m))`` as a scalar, with ``d/dm := proxy(m)``: one comparison pass forward, and
+    for the identity estimator a broadcast scalar backward (nothing the size of ``m``)."""
+
+    @staticmethod
+    def forward(ctx: Any, m: Tensor, ste: STE) -> Tensor:
+        ctx.save_for_backward(m)
+        ctx.ste = ste
+        # in at least float32: a bfloat16 count is not exact above 256
+        return torch.count_nonzero(m > 0).to(torch.promote_types(m.dtype, torch.float32))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        (m,) = ctx.saved_tensors
+        return ctx.ste.scale(grad.to(m.dtype).expand_as(m), m), None
+
+
+def active_count(m: Tensor, ste: STE | None = None) -> Tensor:
+    """``H(m).sum()``, differentiable through ``ste`` like :func:`heaviside`, but without the
+    ``H(m)`` tensor.
+
+    Example::
+
+        >>> m = torch.tensor([-1.0, 2.0, 3.0], requires_grad=True)
+        >>> count = active_count(m)
+        >>> count.backward()
+        >>> count, m.grad
+        (tensor(2., grad_fn=<_ActiveCountBackward>), tensor([1., 1., 1.]))
+    """
+    return _ActiveCount.apply(m, ste if ste is not None else _IDENTITY)
+
+
 class _Heaviside(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, m: Tensor, ste: STE) -> Tensor:
@@ -215,24 +256,25 @@ class _Heaviside(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
         (m,) = ctx.saved_tensors
-        return grad * ctx.ste.proxy(m), None
+        return ctx.ste.scale(grad, m), None
 
 
 class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, w: Tensor, m: Tensor, ste: STE) -> Tensor:
-        ctx.save_for_backward(w, m)
+        keep = m > 0  # bool: a quarter of a float32 weight, and computed once per step
+        ctx.save_for_backward(w, m, keep)
         ctx.ste = ste
-        return w * step(m)
+        return torch.where(keep, w, 0.0)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        w, m = ctx.saved_tensors
+        w, m, keep = ctx.saved_tensors
         grad_w = grad_m = None
         if ctx.needs_input_grad[0]:
-            grad_w = grad * step(m)
+            grad_w = torch.where(keep, grad, 0.0)
         if ctx.needs_input_grad[1]:
-            grad_m = grad * w * ctx.ste.proxy(m)
+            grad_m = ctx.ste.scale(grad * w, m)
         return grad_w, grad_m, None
 
 
