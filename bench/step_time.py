@@ -11,8 +11,10 @@ these variants of the same network:
   ``MaskGradientNormalization`` and ``SparsityMonitor`` at its default interval (the Trainer's
   ``log_every_n_steps``, 50);
 - **SCL, no monitor**: the same without ``SparsityMonitor``;
-- **drop-in**: a plain LightningModule (the backbone, cross-entropy, the same SGD) with the
-  ``SparseConnectivityLearning`` callback (masks, penalty, normalization and its monitor);
+- **plain module, dense**: a plain LightningModule (the backbone, cross-entropy, the same SGD; no
+  metrics, unlike ``SCLModule``), the baseline of the drop-in;
+- **drop-in**: that plain module with the ``SparseConnectivityLearning`` callback (masks,
+  penalty, normalization and its monitor);
 - **pruning**: the dense module with Lightning's ``ModelPruning("l1_unstructured", amount=0.5)``.
   ``ModelPruning`` prunes at the end of a training epoch, so a small callback calls its own
   ``apply_pruning(0.5)`` in ``on_train_start``: every timed step then runs with the
@@ -58,8 +60,8 @@ MODELS = {
     "mlp": ("lenet_300_100", (3, 32, 32)),
     "resnet56": ("resnet56", (3, 32, 32)),
 }
-VARIANTS = ("dense", "SCL", "SCL-nomon", "drop-in", "pruning")
-LABELS = {"SCL-nomon": "SCL, no monitor"}
+VARIANTS = ("dense", "SCL", "SCL-nomon", "plain", "drop-in", "pruning")
+LABELS = {"SCL-nomon": "SCL, no monitor", "plain": "plain module, dense"}
 BATCH = 128
 
 
@@ -201,7 +203,7 @@ def run_one(
         torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     module: pl.LightningModule
-    if variant == "drop-in":
+    if variant in ("plain", "drop-in"):
         module = PlainClassifier()
     else:
         sparse = variant in ("SCL", "SCL-nomon")
@@ -329,7 +331,10 @@ def _report(args: argparse.Namespace, results: dict[str, Any]) -> tuple[list[str
                     f"<= {TARGETS[model]:.2f}, mem <= {MEMORY_TARGET}: {'met' if ok else 'MISSED'}"
                 )
             if variant == "drop-in":
-                target = f"{med['drop-in'] / med['SCL']:.3f} x SCLModule"
+                target = (
+                    f"{med['drop-in'] / med['plain']:.3f} x plain; "
+                    f"{med['drop-in'] / med['SCL']:.3f} x SCLModule"
+                )
             lines.append(
                 f"| {model} | {LABELS.get(variant, variant)} | {med[variant]:.1f} | {ratio:.3f} | "
                 f"{target} | {mem[variant]:.1f} | {mem_ratio:.2f} |"
