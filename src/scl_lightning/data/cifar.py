@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from ._archive import ArchiveError, check_md5, download_file, restricted_pickle_load, safe_extract
-from .sampling import EpochShuffleSampler, global_seed, loader_generator
+from .sampling import EpochShuffleSampler, global_seed, resumable_loader_kwargs
 from .transforms import BatchAugment
 
 __all__ = [
@@ -464,23 +464,15 @@ class CIFARDataModule(LightningDataModule):
                 f"{type(self).__name__} has no {split} data yet: call setup() before asking for "
                 f"a dataloader"
             )
-        sampler: RandomSampler | SequentialSampler
-        if train:
-            sampler = EpochShuffleSampler(dataset, seed=self._train_seed())
-        else:
-            sampler = SequentialSampler(dataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=sampler,
             collate_fn=_keep_batch,
-            num_workers=self.num_workers,
             pin_memory=self.pin_memory and _accelerator_available(),
-            persistent_workers=self.num_workers > 0,
-            # its own generator for the workers' base seed, so creating an iterator never draws
-            # from the global one (training-step randomness stays exact across a resume)
-            generator=loader_generator(self._train_seed()),
             drop_last=False,
+            **resumable_loader_kwargs(
+                dataset, shuffle=train, seed=self._train_seed(), num_workers=self.num_workers
+            ),
         )
 
     @override

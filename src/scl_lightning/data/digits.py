@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from .sampling import EpochShuffleSampler, global_seed, loader_generator
+from .sampling import global_seed, resumable_loader_kwargs
 
 __all__ = ["DigitsDataModule"]
 
@@ -176,19 +176,13 @@ class DigitsDataModule(LightningDataModule):
             raise RuntimeError(
                 "DigitsDataModule has no data yet: call setup() before asking for a dataloader"
             )
-        # training order: a function of (PL_GLOBAL_SEED, epoch) only, so a resumed run (even
-        # mid-epoch) reads the same batches as one never interrupted
-        sampler = EpochShuffleSampler(dataset, seed=global_seed()) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=sampler,
             drop_last=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            # its own generator for the workers' base seed, so creating an iterator never draws
-            # from the global one (training-step randomness stays exact across a resume)
-            generator=loader_generator(global_seed()),
+            **resumable_loader_kwargs(
+                dataset, shuffle=shuffle, seed=global_seed(), num_workers=self.num_workers
+            ),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -21,7 +21,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .sampling import EpochShuffleSampler, global_seed, loader_generator
+from .sampling import global_seed, resumable_loader_kwargs
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -714,14 +714,10 @@ class ImageNetDataModule(LightningDataModule):
         return _ImageFolderLoader(
             dataset,
             batch_size=self.batch_size,
-            # order a function of (PL_GLOBAL_SEED, epoch): a resumed run reads the same batches
-            sampler=EpochShuffleSampler(dataset, seed=global_seed()) if shuffle else None,
-            num_workers=self.num_workers,
             pin_memory=self.pin_memory and _accelerator_available(),
-            persistent_workers=self.num_workers > 0,
-            # its own generator for the workers' base seed, so creating an iterator never draws
-            # from the global one (training-step randomness stays exact across a resume)
-            generator=loader_generator(global_seed()),
+            **resumable_loader_kwargs(
+                dataset, shuffle=shuffle, seed=global_seed(), num_workers=self.num_workers
+            ),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import RandomSampler
 
-__all__ = ["EpochShuffleSampler", "global_seed", "loader_generator"]
+__all__ = ["EpochShuffleSampler", "global_seed", "loader_generator", "resumable_loader_kwargs"]
 
 
 def global_seed() -> int:
@@ -84,3 +84,25 @@ def loader_generator(seed: int) -> torch.Generator:
         True
     """
     return torch.Generator().manual_seed(int(seed))
+
+
+def resumable_loader_kwargs(
+    dataset: Any, *, shuffle: bool, seed: int, num_workers: int
+) -> dict[str, Any]:
+    """The DataLoader arguments every data module of this package uses: an order that depends on
+    ``(seed, epoch)`` only (:class:`EpochShuffleSampler`, or the dataset order), a generator of
+    its own (:func:`loader_generator`) and persistent workers. A run resumed from any checkpoint
+    then reads the same batches, and creating iterators never moves torch's global generator.
+
+    Example::
+
+        >>> kwargs = resumable_loader_kwargs(range(8), shuffle=True, seed=0, num_workers=0)
+        >>> sorted(kwargs)
+        ['generator', 'num_workers', 'persistent_workers', 'sampler']
+    """
+    return {
+        "sampler": EpochShuffleSampler(dataset, seed=seed) if shuffle else None,
+        "generator": loader_generator(seed),
+        "num_workers": num_workers,
+        "persistent_workers": num_workers > 0,
+    }
