@@ -203,10 +203,21 @@ def _resolve_last_checkpoint(config: Any) -> None:
 
 
 class SCLCLI(LightningCLI):
-    """LightningCLI with the data module's ``num_classes``/``input_shape`` linked into the model,
-    a :class:`~scl_lightning.callbacks.RunSummary` on every ``fit``, and, with a W&B logger, the
-    config saved with the run (:class:`SaveConfigToWandb`) and a
-    :class:`~scl_lightning.callbacks.wandb_artifacts.WandbArtifacts` on ``fit``."""
+    """LightningCLI for SCL runs that last days on preemptible clusters.
+
+    - The data module's ``num_classes``/``input_shape`` are linked into the model.
+    - Every subcommand saves and loads checkpoints through
+      :class:`~scl_lightning.checkpoint.SafeCheckpointIO` (atomic saves, ``weights_only``
+      loads); ``--ckpt_path`` is checked first, and the model is built from the configuration,
+      not from the checkpoint's stored hyper-parameters.
+    - ``fit`` adds :class:`~scl_lightning.callbacks.RunSummary`,
+      :class:`~scl_lightning.callbacks.ExactResume` and
+      :class:`~scl_lightning.callbacks.StopOnNonFinite`; ``--ckpt_path last`` resumes the latest
+      versioned run in its own directory; a new run never starts in a directory that holds
+      another run.
+    - With a W&B logger, the config is saved with the run (:class:`SaveConfigToWandb`) and
+      :class:`~scl_lightning.callbacks.wandb_artifacts.WandbArtifacts` is added on ``fit``.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
