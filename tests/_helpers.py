@@ -10,8 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Trainer
+import torch
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 
 def quiet_trainer(tmp_path: Path, **overrides: Any) -> Trainer:
@@ -68,3 +72,38 @@ def launch_ddp(script: Path, *args: str, timeout: float = 180) -> tuple[int, str
             f"{script.name} {' '.join(args)} hung for {timeout}s:\n{output[-3000:]}"
         ) from None
     return proc.returncode, output
+
+
+class TinyClassifier(LightningModule):
+    """A classifier written with no SCL in mind: a 64-16-10 MLP on 1x8x8 inputs, cross-entropy,
+    plain SGD over every parameter (``lr=0`` keeps hand-set masks where they are), and
+    ``samples`` fixed random training examples in batches of 8. ``sparse=True`` masks it."""
+
+    def __init__(self, lr: float = 0.1, samples: int = 64, sparse: bool = False) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+        if sparse:
+            from scl_lightning import sparsify
+
+            sparsify(self.net)
+        self.lr = lr
+        self.samples = samples
+
+    def forward(self, x: Any) -> Any:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def _loader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(self.samples, 1, 8, 8, generator=g)
+        y = torch.randint(0, 10, (self.samples,), generator=g)
+        return DataLoader(TensorDataset(x, y), batch_size=8)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader()

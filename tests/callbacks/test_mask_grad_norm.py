@@ -3,44 +3,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from _helpers import quiet_trainer
+from _helpers import TinyClassifier, quiet_trainer
 from scl_lightning import masked_modules, sparsify
 from scl_lightning.callbacks import MaskGradientNormalization
 
 LR = 0.1
 
 
-class TinyClassifier(LightningModule):
-    """A classifier written with no SCL in mind: cross-entropy, plain SGD over everything."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=LR)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(64, 1, 8, 8, generator=g)
-        y = torch.randint(0, 10, (64,), generator=g)
-        return DataLoader(TensorDataset(x, y), batch_size=8)
-
-
 def _sparse_model() -> TinyClassifier:
     torch.manual_seed(0)
-    model = TinyClassifier()
+    model = TinyClassifier(lr=LR)
     sparsify(model.net)
     return model
 
@@ -144,7 +119,7 @@ def test_finds_layers_masked_by_a_later_callback_setup(tmp_path):
             sparsify(pl_module.net)
 
     torch.manual_seed(0)
-    model = TinyClassifier()
+    model = TinyClassifier(lr=LR)
     normalized = MaskGradCapture()
     callbacks = [MaskGradientNormalization(), SparsifyInSetup(), normalized]
     _trainer(tmp_path, callbacks=callbacks).fit(model)
@@ -301,4 +276,4 @@ def test_repr():
 def test_warns_when_the_module_has_no_masked_layer(tmp_path):
     trainer = _trainer(tmp_path, max_steps=1, callbacks=[MaskGradientNormalization()])
     with pytest.warns(UserWarning, match="TinyClassifier has no masked layer"):
-        trainer.fit(TinyClassifier())
+        trainer.fit(TinyClassifier(lr=LR))

@@ -5,13 +5,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from _helpers import quiet_trainer
+from _helpers import TinyClassifier, quiet_trainer
 from scl_lightning import sparsify
 from scl_lightning.callbacks import rank_agreement
 from scl_lightning.callbacks.rank_agreement import (
@@ -198,37 +195,13 @@ def test_repr():
     )
 
 
-class TinyClassifier(LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = sparsify(
-            nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
-        )
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(64, 1, 8, 8, generator=g)
-        y = torch.randint(0, 10, (64,), generator=g)
-        return DataLoader(TensorDataset(x, y), batch_size=8)
-
-
 def test_single_process_does_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("fingerprinted in a single-process run")
 
     monkeypatch.setattr(rank_agreement, "parameter_fingerprints", boom)
     cb = RankAgreementCheck()
-    quiet_trainer(tmp_path, callbacks=[cb]).fit(TinyClassifier())
+    quiet_trainer(tmp_path, callbacks=[cb]).fit(TinyClassifier(lr=0.1, sparse=True))
     assert cb.num_checks == 0
 
 
@@ -266,7 +239,7 @@ def test_schedule(tmp_path, every, accumulate, checks):
         limit_train_batches=8,
         accumulate_grad_batches=accumulate,
     )
-    trainer.fit(TinyClassifier())
+    trainer.fit(TinyClassifier(lr=0.1, sparse=True))
     assert cb.num_checks == checks
     assert strategy.gathers == 2 * checks  # the layout, then the fingerprints
     assert cb._last_checked_step == trainer.global_step
@@ -277,7 +250,7 @@ def test_divergence_raises_with_one_line(tmp_path):
         if gathers == 6 and other.numel() > 2:  # the fingerprints of the third check
             other[1] += 1
 
-    model = TinyClassifier()
+    model = TinyClassifier(lr=0.1, sparse=True)
     names = [n for n, _ in model.named_parameters()]
     trainer = quiet_trainer(
         tmp_path, strategy=FakeTwoRanks(tamper), callbacks=[RankAgreementCheck()]
@@ -302,7 +275,7 @@ def test_different_parameter_layout_raises(tmp_path):
         RankDivergenceError,
         match=r"names, shapes or dtypes on rank 1 differ from rank 0's at global step 1;",
     ):
-        trainer.fit(TinyClassifier())
+        trainer.fit(TinyClassifier(lr=0.1, sparse=True))
 
 
 def test_sharded_strategy_turns_the_check_off():
@@ -313,7 +286,7 @@ def test_sharded_strategy_turns_the_check_off():
     cb = RankAgreementCheck()
     trainer = SimpleNamespace(world_size=2, global_step=0, strategy=FSDPStrategy())
     with pytest.warns(UserWarning, match="FSDPStrategy shards parameters across ranks"):
-        cb.on_fit_start(trainer, TinyClassifier())
+        cb.on_fit_start(trainer, TinyClassifier(lr=0.1, sparse=True))
     trainer.global_step = 1
-    cb.on_train_batch_end(trainer, TinyClassifier(), None, None, 0)
+    cb.on_train_batch_end(trainer, TinyClassifier(lr=0.1, sparse=True), None, None, 0)
     assert cb.num_checks == 0

@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
+from _helpers import TinyClassifier as _PlainClassifier
 from _helpers import quiet_trainer
 from scl_lightning import sparsify
 from scl_lightning.callbacks import RunSummary
@@ -23,36 +22,17 @@ REQUIRED = {
 }
 
 
-class TinyClassifier(LightningModule):
+class TinyClassifier(_PlainClassifier):
     """Plain (non-SCL) module logging val/acc and val/loss; lr=0 keeps hand-set masks fixed."""
 
     def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
+        super().__init__(lr=0.0, samples=32)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
         self.log("val/loss", F.cross_entropy(logits, y))
         self.log("val/acc", (logits.argmax(dim=1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-    def _loader(self):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(32, 1, 8, 8, generator=g)
-        return DataLoader(TensorDataset(x, torch.randint(0, 10, (32,), generator=g)), batch_size=8)
-
-    def train_dataloader(self):
-        return self._loader()
 
     def val_dataloader(self):
         return self._loader()

@@ -5,11 +5,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import scl_lightning.callbacks.sparsity_monitor as sparsity_monitor_module
-from _helpers import quiet_trainer
+from _helpers import TinyClassifier, quiet_trainer
 from scl_lightning import sparsify
 from scl_lightning.callbacks import SparsityMonitor
 from scl_lightning.flops import count_flops
@@ -33,31 +32,8 @@ LAYER_KEYS = {"sparsity/net.1", "sparsity/net.3", "flops/effective/net.1", "flop
 FLOP_KEYS = {k for k in EXPECTED if k.startswith("flops/")}
 
 
-class TinyClassifier(LightningModule):
-    """Plain (non-SCL) module; lr=0 keeps the hand-set masks where they are."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(80, 1, 8, 8, generator=g)
-        return DataLoader(TensorDataset(x, torch.randint(0, 10, (80,), generator=g)), batch_size=8)
-
-
 def _pruned_model() -> TinyClassifier:
-    model = TinyClassifier()
+    model = TinyClassifier(lr=0.0, samples=80)
     sparsify(model.net)
     with torch.no_grad():
         model.net[1].mask[:4] = -1.0
@@ -187,7 +163,7 @@ def test_log_layers_false(tmp_path):
 
 def test_dense_model(tmp_path):
     trainer = _trainer(tmp_path, callbacks=[SparsityMonitor(log_every_n_steps=1)])
-    trainer.fit(TinyClassifier())
+    trainer.fit(TinyClassifier(lr=0.0, samples=80))
     metrics = _metrics(trainer)
     assert metrics["sparsity/global"] == 0.0
     assert metrics["sparsity/net.1"] == metrics["sparsity/net.3"] == 0.0
