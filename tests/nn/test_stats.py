@@ -203,3 +203,61 @@ def test_stats_ignore_dense_layers_of_partly_masked_model():
 def test_unmasked_model_errors(fn, model):
     with pytest.raises(ValueError, match="no masked layer"):
         fn(model)
+
+
+# -- the forward pass's comparison, reused by the count --------------------------------------------
+
+
+def _ops(fn):
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_connection_count_after_forward_reuses_its_comparison():
+    model = _net()
+    expected = _prune(model)
+    model(torch.randn(2, 1, 4, 4))
+    ops = _ops(lambda: connection_count(model))
+    assert "aten::gt" not in ops, "the count compared the masks again"
+    # the reuse is once: a second count compares again, and gives the same value
+    assert "aten::gt" in _ops(lambda: connection_count(model))
+    model(torch.randn(2, 1, 4, 4))
+    assert connection_count(model).item() == sum(expected.values())
+
+
+@pytest.mark.parametrize("change", ["in_place", "new_parameter"])
+def test_connection_count_sees_a_mask_changed_after_the_forward(change):
+    model = _net()
+    _prune(model)
+    model(torch.randn(2, 1, 4, 4))
+    if change == "in_place":
+        with torch.no_grad():
+            model[5].mask.fill_(1.0)
+    else:
+        model[5].mask = nn.Parameter(torch.ones_like(model[5].mask))
+    assert connection_count(model).item() == 13 + 20 + 15
+
+
+def test_connection_count_gradient_is_the_same_with_and_without_reuse():
+    grads = []
+    for forward_first in (True, False):
+        model = _net("leaky_relu", alpha=0.25)
+        _prune(model)
+        if forward_first:
+            model(torch.randn(2, 1, 4, 4))
+        connection_count(model).backward()
+        grads.append([layer.mask.grad.clone() for _, layer in masked_modules(model)])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_copies_do_not_carry_the_forward_comparison():
+    import copy
+    import pickle
+
+    model = _net()
+    model(torch.randn(2, 1, 4, 4))
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert all("_fresh_keep" not in vars(layer) for _, layer in masked_modules(clone))
+        assert connection_count(clone).item() == N_TOTAL

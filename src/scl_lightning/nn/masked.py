@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scl_lightning.nn.ste import STE, get_ste, masked_weight, step
+from scl_lightning.nn.ste import STE, active_count, get_ste, masked_weight, step
 
 __all__ = [
     "MaskedConv1d",
@@ -59,7 +59,32 @@ class MaskedLayer:
 
     def effective_weight(self) -> Tensor:
         """``weight * H(mask)``, differentiable in both through the layer's estimator."""
-        return masked_weight(self.weight, self.mask, self.ste)
+        keep = self.mask > 0
+        if not torch.compiler.is_compiling():
+            # Kept for the connection count that usually follows this forward pass (the SCL
+            # penalty), which then skips its own pass over the mask: see `active_count`.
+            self.__dict__["_fresh_keep"] = (keep, self.mask, self.mask._version)
+        return masked_weight(self.weight, self.mask, self.ste, keep=keep)
+
+    def active_count(self) -> Tensor:
+        """The layer's number of active connections ``sum(H(mask))``, a scalar differentiable in
+        ``mask`` through the layer's estimator (see :func:`scl_lightning.nn.ste.active_count`).
+
+        The comparison ``mask > 0`` of the latest forward pass is reused, once, when the mask
+        has not changed since (same tensor, same version counter), so a penalty computed right
+        after the forward pass costs no extra pass over the mask.
+        """
+        fresh = self.__dict__.pop("_fresh_keep", None)
+        keep = None
+        if fresh is not None and fresh[1] is self.mask and fresh[2] == self.mask._version:
+            keep = fresh[0]
+        return active_count(self.mask, self.ste, keep=keep)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the forward pass's comparison belongs to this object's mask, never to a copy's
+        state = self.__dict__.copy()
+        state.pop("_fresh_keep", None)
+        return state
 
     def hard_mask(self) -> Tensor:
         """The binary connectivity ``H(mask)`` as a detached tensor of the weight's dtype."""

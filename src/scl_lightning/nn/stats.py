@@ -8,7 +8,6 @@ import torch
 from torch import Tensor, nn
 
 from scl_lightning.nn.sparsify import masked_modules
-from scl_lightning.nn.ste import active_count
 
 __all__ = [
     "LayerConnectivity",
@@ -59,7 +58,7 @@ def connection_count(model: nn.Module, *, density: bool = False) -> Tensor:
     count: Tensor = torch.zeros((), device=layers[0][1].mask.device)
     for _, layer in layers:
         # Sum in float32: a half-precision mask would lose counts above 2048.
-        count = count + active_count(layer.mask, layer.ste).float()
+        count = count + layer.active_count().float()
     if density:
         count = count / sum(layer.mask.numel() for _, layer in layers)
     return count
