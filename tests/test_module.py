@@ -1,3 +1,4 @@
+import csv
 import functools
 import itertools
 import warnings
@@ -5,7 +6,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -200,7 +202,7 @@ def test_dense_baseline_has_one_group_and_trains(tmp_path):
     assert module.masks == []
     assert not any(name.endswith("mask") for name, _ in module.named_parameters())
     weight = module.model.layers[1].weight.detach().clone()
-    trainer = _trainer(tmp_path)
+    trainer = _trainer(tmp_path, log_every_n_steps=1)
     trainer.fit(module, DigitsDataModule())
     assert len(trainer.optimizers[0].param_groups) == 1
     assert not torch.equal(module.model.layers[1].weight, weight)
@@ -311,7 +313,12 @@ def test_logged_loss_terms_with_a_trainer(tmp_path, penalty):
     lam = 1e-4 if penalty == "count" else 0.5
     module = SCLModule("lenet_300_100", lam=lam, penalty=penalty, **SMALL)
     _prune_some(module)
-    trainer = _trainer(tmp_path, limit_val_batches=0, callbacks=[MaskGradientNormalization()])
+    trainer = _trainer(
+        tmp_path,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        callbacks=[MaskGradientNormalization()],
+    )
     trainer.fit(module, DigitsDataModule())
     m = trainer.callback_metrics  # the last step's values
     connections = m["train/connections"]
@@ -326,7 +333,7 @@ def test_logged_loss_terms_with_a_trainer(tmp_path, penalty):
 
 def test_fit_on_digits_logs_metrics(tmp_path):
     module = SCLModule("lenet_300_100", **SMALL)
-    trainer = _trainer(tmp_path, callbacks=[MaskGradientNormalization()])
+    trainer = _trainer(tmp_path, log_every_n_steps=1, callbacks=[MaskGradientNormalization()])
     trainer.fit(module, DigitsDataModule())
     expected = {
         "train/loss",
@@ -559,3 +566,113 @@ def test_progress_bar_shows_lam_and_sparsity(tmp_path):
     assert shown["lam"] == pytest.approx(3e-5)
     assert "sparsity/global" in shown
     assert "lam" not in trainer.logged_metrics  # progress bar only, not sent to the loggers
+
+
+def test_default_optimizer_is_fused_and_trains_exactly_like_the_plain_sgd(tmp_path):
+    """The fused SGD kernel (one pass per tensor) computes the same update as the for-loop
+    one: equal here to the last bit or two (over a long run such rounding differences can grow,
+    as any kernel change's do)."""
+    plain = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    results = []
+    for optimizer in (None, plain):
+        seed_everything(0, verbose=False)
+        module = SCLModule("lenet_300_100", optimizer=optimizer, lam=1e-3, **SMALL)
+        trainer = _trainer(
+            tmp_path,
+            limit_train_batches=6,
+            limit_val_batches=0,
+            callbacks=[MaskGradientNormalization()],
+        )
+        trainer.fit(module, DigitsDataModule())
+        fused = bool(trainer.optimizers[0].defaults.get("fused"))
+        results.append((fused, {k: v.clone() for k, v in module.state_dict().items()}))
+    (fused, fused_state), (unfused, plain_state) = results
+    assert fused and not unfused
+    masks = [v for k, v in fused_state.items() if k.endswith("mask")]
+    assert masks and all((m != 1.0).any() for m in masks)  # the masks did learn
+    assert fused_state.keys() == plain_state.keys()
+    for key in fused_state:
+        torch.testing.assert_close(fused_state[key], plain_state[key], rtol=1e-6, atol=1e-7)
+
+
+def test_default_optimizer_is_not_fused_where_torch_has_no_fused_kernel():
+    from scl_lightning.module import _fusable
+
+    assert _fusable([nn.Parameter(torch.zeros(2))])
+    assert not _fusable([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, device="meta"))])
+    assert not _fusable([])
+
+
+def test_logger_only_values_are_logged_at_lightnings_logging_steps_only(tmp_path):
+    """``train/task_loss`` and ``train/connections`` are logged where Lightning writes step
+    metrics to the loggers (every ``log_every_n_steps``), and not on the other steps, where
+    Lightning would drop them; ``train/loss`` (progress bar) and ``lam`` are still shown."""
+
+    class CountLogs(Callback):
+        def __init__(self):
+            self.keys = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.keys.append(set(trainer.callback_metrics))
+
+    class Recorder(SCLModule):
+        def log(self, name, *args, **kwargs):
+            self.logged.append((self.trainer.global_step, name))
+            super().log(name, *args, **kwargs)
+
+    module = Recorder("lenet_300_100", **SMALL)
+    module.logged = []
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = _trainer(
+        tmp_path,
+        limit_train_batches=6,
+        limit_val_batches=0,
+        log_every_n_steps=3,
+        logger=logger,
+        callbacks=[MaskGradientNormalization()],
+    )
+    trainer.fit(module, DigitsDataModule())
+    steps = {name: [s for s, n in module.logged if n == name] for _, name in module.logged}
+    assert steps["train/loss"] == [0, 1, 2, 3, 4, 5]
+    # Lightning logs steps 2 and 5 (0-based: the 3rd and 6th) to the loggers
+    assert steps["train/task_loss"] == steps["train/connections"] == [2, 5]
+    assert steps["lam"] == [0]  # once per epoch: it stays in the progress bar
+    assert steps["train/acc"] == steps["train/acc_top5"] == [0]  # metric objects: per epoch
+    assert trainer.progress_bar_metrics["lam"] == pytest.approx(module.lam)
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [2, 5]
+    assert all(r["train/task_loss"] and r["train/connections"] for r in rows)
+
+
+def test_train_accuracy_is_over_every_batch_of_the_epoch(tmp_path):
+    """The accuracy metric is registered with Lightning once per epoch but updated on every
+    batch: the epoch value is the accuracy over all of the epoch's batches, per epoch."""
+    module = SCLModule(
+        "lenet_300_100",
+        optimizer=functools.partial(torch.optim.SGD, lr=0.0),
+        mask_lr=1e-12,
+        **SMALL,
+    )
+    data = DigitsDataModule(batch_size=64)
+    trainer = _trainer(
+        tmp_path, max_epochs=2, limit_train_batches=5, limit_val_batches=2, log_every_n_steps=1
+    )
+    seen = []
+
+    class Batches(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            with torch.no_grad():
+                seen.append((pl_module(batch[0]).argmax(1) == batch[1]).float())
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            epoch = torch.cat(seen[-5:])
+            self.expected = float(epoch.mean())
+            self.got = float(trainer.callback_metrics["train/acc"])
+            assert self.got == pytest.approx(self.expected, abs=1e-6)
+            self.checked = getattr(self, "checked", 0) + 1
+
+    checker = Batches()
+    trainer.callbacks.append(checker)
+    trainer.fit(module, data)
+    assert checker.checked == 2

@@ -18,7 +18,13 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-__all__ = ["CSVLogger", "WandbLogger", "active_wandb_loggers", "wandb_credentials_available"]
+__all__ = [
+    "CSVLogger",
+    "WandbLogger",
+    "active_wandb_loggers",
+    "logs_this_step",
+    "wandb_credentials_available",
+]
 
 
 class CSVLogger(_LightningCSVLogger):
@@ -67,6 +73,15 @@ class CSVLogger(_LightningCSVLogger):
                 writer.metrics_keys = sorted(next(csv.reader(file), []))
         self._experiment = writer
         return writer
+
+
+def logs_this_step(trainer: Any) -> bool:
+    """Whether Lightning writes this training batch's step metrics to the loggers: only at its
+    logging steps (every ``log_every_n_steps`` optimizer steps), after the last micro-batch of
+    an optimizer step. A step-level value logged on other batches is computed for nothing."""
+    if trainer.fit_loop._should_accumulate():
+        return False
+    return bool(getattr(trainer._logger_connector, "should_update_logs", True))
 
 
 def active_wandb_loggers(loggers: Iterable[Logger]) -> list[_LightningWandbLogger]:

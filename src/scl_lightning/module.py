@@ -19,6 +19,7 @@ from scl_lightning.callbacks.mask_grad_norm import MaskGradientNormalization
 from scl_lightning.callbacks.sparsity_monitor import SparsityMonitor
 from scl_lightning.checkpoint import CheckpointError, check_compatible
 from scl_lightning.flops import maskable_connectivity
+from scl_lightning.loggers import logs_this_step
 from scl_lightning.models import create_model
 from scl_lightning.nn.masked import validate_mask_init
 from scl_lightning.nn.sparsify import sparsify as _sparsify
@@ -38,6 +39,21 @@ from scl_lightning.training import (
 __all__ = ["SCLModule"]
 
 _MODULE_MARK = "<module>:"
+
+
+def _fusable(params: Sequence[Tensor]) -> bool:
+    """Whether torch's fused optimizer kernels take every parameter (floating point, on one of
+    the devices they support): one pass per tensor for the whole update (weight decay, momentum,
+    step) instead of four, the same results."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # a private helper: fall back to the two devices every release has
+        devices = {"cpu", "cuda"}
+    return bool(params) and all(
+        p.device.type in devices and torch.is_floating_point(p) for p in params
+    )
 
 
 class SCLModule(pl.LightningModule):
@@ -69,7 +85,8 @@ class SCLModule(pl.LightningModule):
         exclude: module-name patterns (relative to the backbone) to leave dense.
         task_loss: the task loss; cross-entropy when ``None``.
         optimizer: builds the optimizer from the parameters; when ``None``,
-            ``SGD(lr=0.05, momentum=0.9, weight_decay=5e-4)``. The masks are then moved to a
+            ``SGD(lr=0.05, momentum=0.9, weight_decay=5e-4)``, fused where torch has fused
+            kernels for the parameters' device (CPU, CUDA, ...). The masks are then moved to a
             group of their own with ``lr=mask_lr`` and no weight decay.
         lr_scheduler: builds a scheduler from the optimizer; ``None`` means cosine annealing to 0
             over the whole run, stepped every optimizer step. The mask group follows the same
@@ -192,6 +209,8 @@ class SCLModule(pl.LightningModule):
             self.example_input_array = torch.zeros(1, *input_shape)
         self.total_connections = sum(t for _, t in maskable_connectivity(self.model).values())
         self._log_sparsity = True
+        self._lam_shown = False
+        self._metrics_registered: set[str] = set()
         for stage in ("train", "val", "test"):
             # average="micro": the usual top-k accuracy (torchmetrics defaults to per-class macro)
             metrics = {f"{stage}_acc": MulticlassAccuracy(num_classes, average="micro")}
@@ -237,25 +256,29 @@ class SCLModule(pl.LightningModule):
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = self.task_loss(logits, y)
-        getattr(self, f"{stage}_acc")(logits, y)
+        # update(), not forward: the per-batch value forward computes is never logged
+        # (on_step=False), and computing it doubles the metrics' cost per step
+        acc = getattr(self, f"{stage}_acc")
+        acc.update(logits, y)
+        top5 = getattr(self, f"{stage}_acc_top5", None)
+        if top5 is not None:
+            top5.update(logits, y)
         bs = y.shape[0]
-        self.log(
-            f"{stage}/acc",
-            getattr(self, f"{stage}_acc"),
-            prog_bar=stage != "train",
-            on_step=False,
-            on_epoch=True,
-            batch_size=bs,
-        )
-        if hasattr(self, f"{stage}_acc_top5"):
-            getattr(self, f"{stage}_acc_top5")(logits, y)
+        if stage not in self._metrics_registered:
+            # A metric object is registered with Lightning once per epoch: its state lives in
+            # the object, Lightning computes and resets it at the epoch's end, and one more
+            # `log` per batch would cost more than the update itself.
+            self._metrics_registered.add(stage)
             self.log(
-                f"{stage}/acc_top5",
-                getattr(self, f"{stage}_acc_top5"),
+                f"{stage}/acc",
+                acc,
+                prog_bar=stage != "train",
                 on_step=False,
                 on_epoch=True,
                 batch_size=bs,
             )
+            if top5 is not None:
+                self.log(f"{stage}/acc_top5", top5, on_step=False, on_epoch=True, batch_size=bs)
         return logits, loss, bs
 
     @override
@@ -272,11 +295,16 @@ class SCLModule(pl.LightningModule):
         else:
             active = connection_count(self.model).detach()
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log("train/task_loss", task_loss, batch_size=n)
-        self.log("train/connections", active, batch_size=n)
-        if self.masks:
-            # the penalty weight, shown next to the sparsity it drives (progress bar only)
+        # Lightning's `log` costs about as much as a small network's whole step, so values that
+        # only the loggers see are logged on the steps Lightning writes to them, no others
+        if self._trainer is None or logs_this_step(self._trainer):
+            self.log("train/task_loss", task_loss, batch_size=n)
+            self.log("train/connections", active, batch_size=n)
+        if self.masks and not self._lam_shown:
+            # the penalty weight, shown next to the sparsity it drives (progress bar only; it
+            # stays there for the epoch, so once per epoch is enough)
             self.log("lam", self.lam, prog_bar=True, logger=False, batch_size=n)
+            self._lam_shown = True
         if self._log_sparsity:
             self.log(
                 "sparsity/global",
@@ -285,6 +313,19 @@ class SCLModule(pl.LightningModule):
                 batch_size=n,
             )
         return loss
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self._lam_shown = False
+        self._metrics_registered.discard("train")
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._metrics_registered.discard("val")
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._metrics_registered.discard("test")
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -358,7 +399,9 @@ class SCLModule(pl.LightningModule):
             except ValueError as err:  # torch's own checks ("Invalid learning rate: -1.0")
                 raise ValueError(f"model.optimizer: {err}") from None
         else:
-            optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+            optimizer = torch.optim.SGD(
+                params, lr=0.05, momentum=0.9, weight_decay=5e-4, fused=_fusable(params) or None
+            )
         mask_lr = self.mask_lr
         if self.lr_reference_batch_size is not None:
             factor = self._global_batch_size() / self.lr_reference_batch_size
