@@ -119,6 +119,7 @@ class SparseConnectivityLearning(Callback):
         self.eps = 1e-12
         self.monitor = SparsityMonitor(log_every_n_steps=log_every_n_steps, flops=flops)
         self._collapse = LayerCollapseGuard(min_connections_per_layer)
+        self._lam_shown = False
         self._layers: dict[int, MaskedLayer] = {}  # id(mask) -> layer, in module order
         self._total = 0
         self._wrapped: pl.LightningModule | None = None
@@ -278,8 +279,17 @@ class SparseConnectivityLearning(Callback):
             self._collapse.min_connections or trainer.global_step % every == 0
         ):
             self._collapse.check(self._network(pl_module), warn=trainer.is_global_zero)
-        # the penalty weight, shown next to the sparsity it drives (progress bar only)
-        pl_module.log("lam", self.lam, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if not self._lam_shown:
+            # the penalty weight, shown next to the sparsity it drives (progress bar only; it
+            # stays there for the epoch, and Lightning's `log` is not free)
+            pl_module.log(
+                "lam", self.lam, prog_bar=True, logger=False, on_step=True, on_epoch=False
+            )
+            self._lam_shown = True
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._lam_shown = False
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -11,7 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from scl_lightning.flops import FlopCounts, count_flops, example_from_batch, maskable_connectivity
-from scl_lightning.loggers import active_wandb_loggers
+from scl_lightning.loggers import active_wandb_loggers, logs_this_step
 
 __all__ = ["SparsityMonitor"]
 
@@ -27,14 +27,6 @@ LAYER_COLUMNS = (
 )
 
 
-def _logs_this_step(trainer: pl.Trainer) -> bool:
-    """Whether Lightning writes this batch's step metrics to the loggers (it does so only at its
-    logging steps, after the last micro-batch of an optimizer step)."""
-    if trainer.fit_loop._should_accumulate():
-        return False
-    return bool(getattr(trainer._logger_connector, "should_update_logs", True))
-
-
 def _epoch_end_step(trainer: pl.Trainer) -> int:
     """The step Lightning logs a training epoch's end metrics at (one less than the optimizer
     steps taken so far: see ``FitLoop.on_advance_end``), so W&B media line up with them."""
@@ -46,8 +38,10 @@ class SparsityMonitor(Callback):
     """Log global and layerwise sparsity, and dense and effective FLOPs, during training.
 
     Logged at the Trainer's logging steps (every ``Trainer(log_every_n_steps=...)`` optimizer
-    steps, or every ``log_every_n_steps`` of this callback when that is larger) and at each
-    training epoch end, through ``pl_module.log`` so every logger receives them:
+    steps, or every ``log_every_n_steps`` of this callback when that is larger), straight to
+    every logger of the Trainer (as Lightning's ``LearningRateMonitor`` does; the progress bar
+    shows ``sparsity/global``), and at each training epoch end through ``pl_module.log``, so the
+    epoch values are also in ``trainer.callback_metrics`` for checkpointing and early stopping:
 
     * ``sparsity/global`` (also in the progress bar) and ``sparsity/<layer>`` for each layer;
     * ``flops/dense`` and ``flops/effective`` (one sample's forward pass; one multiply-add counts
@@ -220,6 +214,35 @@ class SparsityMonitor(Callback):
         if metrics:
             pl_module.log_dict(metrics, **kwargs)
 
+    def _log_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The step-level log: straight to the loggers, as Lightning's ``LearningRateMonitor``
+        does, at the step Lightning writes this batch's own metrics at.
+
+        Not through ``pl_module.log``: a key logged there stays in Lightning's result collection
+        for the rest of the epoch and is gathered again after every batch, logging or not, which
+        for one value per layer costs more than the monitor's own work. Only ``sparsity/global``
+        goes there, for the progress bar. Rank zero only: other ranks' loggers write nothing and
+        their masks are the same.
+        """
+        if not trainer.is_global_zero:
+            return
+        metrics = self.compute(pl_module)
+        if not metrics:
+            return
+        pl_module.log(
+            "sparsity/global",
+            metrics["sparsity/global"],
+            prog_bar=True,
+            logger=False,
+            on_step=True,
+            on_epoch=False,
+        )
+        if trainer.loggers:
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            row = {**metrics, "epoch": trainer.current_epoch}
+            for logger in trainer.loggers:
+                logger.log_metrics(row, step=step)
+
     # -- hooks -----------------------------------------------------------------------------
 
     @override
@@ -249,7 +272,7 @@ class SparsityMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not _logs_this_step(trainer):
+        if not logs_this_step(trainer):
             return
         step = trainer.global_step
         # once per multiple of the interval, and at the first logging step
@@ -258,7 +281,7 @@ class SparsityMonitor(Callback):
         ):
             return
         self._last_logged_step = step
-        self._log(pl_module, on_step=True, on_epoch=False)
+        self._log_step(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
