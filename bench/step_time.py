@@ -20,6 +20,11 @@ these variants of the same network:
   ``apply_pruning(0.5)`` in ``on_train_start``: every timed step then runs with the
   ``torch.nn.utils.prune`` parametrization active. Lightning's defaults are kept otherwise.
 
+In the masked variants a random half of every mask is turned off before the first step
+(``--mask-sparsity``, default 0.5): a run partway through mask learning. Fresh masks are all on,
+and an element-wise kernel whose speed depends on the data (``torch.where`` on the CPU) looks
+several times faster on them than it is in a real run.
+
 A step is the time from one ``on_train_batch_start`` to the next (forward, backward, optimizer
 step, every callback's batch hooks and Lightning's logging; batches are pre-built tensors, so
 fetching one is free), with ``torch.cuda.synchronize`` on CUDA. Each run is a fresh ``Trainer.fit``
@@ -34,13 +39,16 @@ the cost of one log (``compute`` of every layer's sparsity and FLOPs, timed 20 t
 fit, plus Lightning's logging of the values, measured in the hooks of logging steps when the run
 has one). The overhead at the default interval is ``(per-step + per-log / interval) / step``.
 
+Every run logs to a ``CSVLogger`` in a temporary directory (Lightning's default logging
+interval, 50 steps), so logging costs what it costs in a real run.
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during fit; on CPU the growth of the
 subprocess's peak resident set size (``ru_maxrss``) from just before the module is built to the
 end of fit, which is why each run has a process of its own. The median over repetitions.
 
     PYTHONPATH=src python bench/step_time.py [--models mlp resnet56] [--reps 3] [--threads 0]
         [--steps 60] [--resnet-steps 8] [--warmup 5] [--resnet-warmup 3] [--json out.json]
-        [--precision 32-true] [--channels-last] [--compile]
+        [--mask-sparsity 0.5] [--precision 32-true] [--channels-last] [--compile]
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -85,11 +94,12 @@ def run_one(
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import Callback, ModelPruning
+    from lightning.pytorch.loggers import CSVLogger
     from torch.nn import functional as F
     from torch.utils.data import DataLoader
 
     import scl_lightning.callbacks.sparsity_monitor as monitor_module
-    from scl_lightning import SCLModule
+    from scl_lightning import SCLModule, global_sparsity, masked_modules
     from scl_lightning.callbacks import (
         MaskGradientNormalization,
         SparseConnectivityLearning,
@@ -136,6 +146,23 @@ def run_one(
                 zeros = sum(int((m == 0).sum()) for m in masks)
                 self.pruned_fraction = zeros / max(sum(m.numel() for m in masks), 1)
 
+    class SetMaskSparsity(Callback):
+        """Turns a random ``fraction`` of every mask off before the first step: the state of a
+        run partway through mask learning (fresh masks are all on, and element-wise kernels
+        whose speed depends on the data would look faster than they are in a real run)."""
+
+        def __init__(self, fraction: float) -> None:
+            self.fraction = fraction
+            self.sparsity = 0.0
+
+        def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            gen = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for _, layer in masked_modules(pl_module):
+                    off = torch.rand(layer.mask.shape, generator=gen) < self.fraction
+                    layer.mask.copy_(torch.where(off, -1.0, 1.0))
+            self.sparsity = global_sparsity(pl_module)
+
     class TimedMonitor(SparsityMonitor):
         """SparsityMonitor whose batch hooks are timed, and whose FLOPs traces are counted."""
 
@@ -147,9 +174,9 @@ def run_one(
             self._start_s = 0.0
             self._logged = False
 
-        def _log(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def _log_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             self._logged = True
-            super()._log(*args, **kwargs)
+            super()._log_step(*args, **kwargs)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
             first = self.flop_counts is None
@@ -226,6 +253,11 @@ def run_one(
         pruning = ModelPruning("l1_unstructured", amount=0.5)
         pruner = PruneBeforeTiming(pruning)
         callbacks += [pruning, pruner]
+    mask_setter = None
+    if variant in ("SCL", "SCL-nomon", "drop-in") and options.get("mask_sparsity"):
+        mask_setter = SetMaskSparsity(options["mask_sparsity"])
+        callbacks.insert(0, mask_setter)  # on_train_start: after the drop-in has sparsified
+    logdir = tempfile.TemporaryDirectory(prefix="scl-bench-")
     if options.get("compile"):
         # compiles the network the module runs (masked layers included); Lightning trains it
         module.model = torch.compile(module.model)  # type: ignore[assignment]
@@ -235,7 +267,7 @@ def run_one(
         precision=options.get("precision") or "32-true",
         max_steps=total,
         max_epochs=1,
-        logger=False,
+        logger=CSVLogger(logdir.name, name="bench"),  # what a run logs to, written for real
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -243,8 +275,13 @@ def run_one(
         callbacks=callbacks,
     )
     trainer.fit(module, train_dataloaders=loader)
+    logdir.cleanup()
     if variant == "pruning" and not 0.45 < pruner.pruned_fraction < 0.55:
         raise RuntimeError(f"ModelPruning pruned {pruner.pruned_fraction:.3f}, expected 0.5")
+    if mask_setter is not None and abs(mask_setter.sparsity - options["mask_sparsity"]) > 0.02:
+        raise RuntimeError(
+            f"mask sparsity {mask_setter.sparsity:.3f}, wanted {options['mask_sparsity']}"
+        )
     if cuda:
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -288,6 +325,7 @@ def _child(args: argparse.Namespace, model: str, variant: str) -> dict[str, Any]
         "channels_last": args.channels_last,
         "compile": args.compile,
         "mlp_shape": args.mlp_shape,
+        "mask_sparsity": args.mask_sparsity,
     }
     cmd = [
         sys.executable,
@@ -382,6 +420,12 @@ def main() -> None:
     parser.add_argument("--resnet-warmup", type=int, default=3, help="untimed steps, ResNet-56")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch default")
     parser.add_argument("--mlp-shape", type=int, nargs=3, default=None, help="e.g. 1 8 8")
+    parser.add_argument(
+        "--mask-sparsity",
+        type=float,
+        default=0.5,
+        help="fraction of every mask turned off (at random) before timing; 0: fresh masks",
+    )
     parser.add_argument("--precision", default=None, help="Trainer precision, e.g. bf16-mixed")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -401,6 +445,7 @@ def main() -> None:
     threads = args.threads or torch.get_num_threads()
     extras = [
         f"precision {args.precision or '32-true'}",
+        f"masks {args.mask_sparsity:.0%} off",
         *(["channels_last"] if args.channels_last else []),
         *(["torch.compile"] if args.compile else []),
     ]
