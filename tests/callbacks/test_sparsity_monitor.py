@@ -3,7 +3,7 @@ import csv
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
@@ -108,6 +108,56 @@ def test_logs_to_csv_every_n_steps_and_at_epoch_end(tmp_path, flop_calls):
     for row in rows:
         assert {k: float(row[k]) for k in EXPECTED} == pytest.approx(EXPECTED)
     assert _metrics(trainer) == pytest.approx(EXPECTED)
+
+
+def test_step_logs_go_to_the_loggers_not_to_lightnings_per_batch_metrics(tmp_path):
+    """Step-level values are written straight to the loggers, at the step of Lightning's own row
+    for the batch; only ``sparsity/global`` (progress bar) joins Lightning's per-batch metrics,
+    which Lightning gathers again after every batch for the rest of the epoch."""
+
+    class LogsLoss(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train/loss", loss)
+            return loss
+
+    class SeenKeys(Callback):
+        def __init__(self):
+            self.callback, self.pbar = set(), set()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx >= 2:  # after logging steps
+                self.callback |= set(trainer.callback_metrics)
+                self.pbar |= set(trainer.progress_bar_metrics)
+
+    model = LogsLoss(lr=0.0, samples=80)
+    sparsify(model.net)
+    with torch.no_grad():
+        model.net[1].mask[:4] = -1.0
+        model.net[3].mask[0] = -1.0
+    seen = SeenKeys()
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = _trainer(
+        tmp_path,
+        limit_train_batches=6,
+        log_every_n_steps=2,
+        logger=logger,
+        callbacks=[SparsityMonitor(), seen],
+    )
+    trainer.fit(model)
+    assert "sparsity/global" in seen.callback and "sparsity/global" in seen.pbar
+    assert not seen.callback & (set(EXPECTED) - {"sparsity/global"})
+
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    loss_steps = {int(r["step"]) for r in rows if r.get("train/loss")}
+    monitor_rows = [r for r in rows if r.get("sparsity/net.1") and not r.get("train/loss")]
+    monitor_steps = [int(r["step"]) for r in monitor_rows]
+    # steps 1, 3, 5 (Lightning's logging steps, 0-based) and the epoch end at step 5
+    assert monitor_steps[:3] == sorted(loss_steps) == [1, 3, 5]
+    for row in monitor_rows:
+        assert {k: float(row[k]) for k in EXPECTED} == pytest.approx(EXPECTED)
+        assert row["epoch"] == "0"
 
 
 def test_logs_once_per_optimizer_step_with_gradient_accumulation(tmp_path):
