@@ -290,7 +290,9 @@ class SCLModule(pl.LightningModule):
         elif self.masks_learning and self.lam > 0:
             density = self.penalty == "density"
             count = connection_count(self.model, density=density)
-            loss = task_loss + self.lam * count
+            # in the task loss's dtype: the count is float64 above 2**24 connections (to stay
+            # exact for the log), which the loss does not need
+            loss = task_loss + (self.lam * count).to(task_loss.dtype)
             active = count.detach() * (self.total_connections if density else 1)
         else:
             active = connection_count(self.model).detach()

@@ -217,12 +217,17 @@ def _ops(fn):
 def test_connection_count_after_forward_reuses_its_comparison():
     model = _net()
     expected = _prune(model)
-    model(torch.randn(2, 1, 4, 4))
+    out = model(torch.randn(2, 1, 4, 4))  # its graph holds H(m) until the backward pass
     ops = _ops(lambda: connection_count(model))
     assert "aten::gt" not in ops, "the count compared the masks again"
     # the reuse is once: a second count compares again, and gives the same value
     assert "aten::gt" in _ops(lambda: connection_count(model))
-    model(torch.randn(2, 1, 4, 4))
+    out = model(torch.randn(2, 1, 4, 4))
+    assert connection_count(model).item() == sum(expected.values())
+    # once the graph is gone (no backward pass to come), nothing is kept for the count
+    out = model(torch.randn(2, 1, 4, 4))
+    del out
+    assert "aten::gt" in _ops(lambda: connection_count(model))
     assert connection_count(model).item() == sum(expected.values())
 
 
@@ -230,13 +235,14 @@ def test_connection_count_after_forward_reuses_its_comparison():
 def test_connection_count_sees_a_mask_changed_after_the_forward(change):
     model = _net()
     _prune(model)
-    model(torch.randn(2, 1, 4, 4))
+    out = model(torch.randn(2, 1, 4, 4))
     if change == "in_place":
         with torch.no_grad():
             model[5].mask.fill_(1.0)
     else:
         model[5].mask = nn.Parameter(torch.ones_like(model[5].mask))
     assert connection_count(model).item() == 13 + 20 + 15
+    assert out.requires_grad  # the forward's graph was alive during the count
 
 
 def test_connection_count_gradient_is_the_same_with_and_without_reuse():
@@ -244,9 +250,9 @@ def test_connection_count_gradient_is_the_same_with_and_without_reuse():
     for forward_first in (True, False):
         model = _net("leaky_relu", alpha=0.25)
         _prune(model)
-        if forward_first:
-            model(torch.randn(2, 1, 4, 4))
+        out = model(torch.randn(2, 1, 4, 4)) if forward_first else None
         connection_count(model).backward()
+        del out
         grads.append([layer.mask.grad.clone() for _, layer in masked_modules(model)])
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
@@ -259,5 +265,17 @@ def test_copies_do_not_carry_the_forward_comparison():
     model = _net()
     model(torch.randn(2, 1, 4, 4))
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert all("_fresh_keep" not in vars(layer) for _, layer in masked_modules(clone))
+        assert all("_fresh_h" not in vars(layer) for _, layer in masked_modules(clone))
         assert connection_count(clone).item() == N_TOTAL
+
+
+def test_connection_count_exact_above_float32_integer_range():
+    # 4096 x 4097 = 2**24 + 4096 connections: a float32 sum of H(m) would round odd counts
+    layer = MaskedLinear(4097, 4096, bias=False)
+    with torch.no_grad():
+        layer.mask[0, :3] = -1.0
+    expected = 4096 * 4097 - 3
+    out = layer(torch.ones(1, 4097))  # the count then sums the forward's H(m)
+    assert connection_count(layer).item() == expected
+    assert connection_count(layer).item() == expected  # and compares the mask itself
+    del out

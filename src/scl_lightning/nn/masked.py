@@ -9,6 +9,7 @@ computation with the effective weight swapped in.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, cast
 
 import torch
@@ -59,31 +60,32 @@ class MaskedLayer:
 
     def effective_weight(self) -> Tensor:
         """``weight * H(mask)``, differentiable in both through the layer's estimator."""
-        keep = self.mask > 0
+        h = step(self.mask, self.weight.dtype)
         if not torch.compiler.is_compiling():
-            # Kept for the connection count that usually follows this forward pass (the SCL
-            # penalty), which then skips its own pass over the mask: see `active_count`.
-            self.__dict__["_fresh_keep"] = (keep, self.mask, self.mask._version)
-        return masked_weight(self.weight, self.mask, self.ste, keep=keep)
+            # Remembered (weakly: the backward pass holds it until it has run) for the
+            # connection count that usually follows this forward pass, the SCL penalty, which
+            # then sums it instead of comparing the whole mask again: see `active_count`.
+            self.__dict__["_fresh_h"] = (weakref.ref(h), self.mask, self.mask._version)
+        return masked_weight(self.weight, self.mask, self.ste, h=h)
 
     def active_count(self) -> Tensor:
         """The layer's number of active connections ``sum(H(mask))``, a scalar differentiable in
         ``mask`` through the layer's estimator (see :func:`scl_lightning.nn.ste.active_count`).
 
-        The comparison ``mask > 0`` of the latest forward pass is reused, once, when the mask
-        has not changed since (same tensor, same version counter), so a penalty computed right
-        after the forward pass costs no extra pass over the mask.
+        ``H(mask)`` of the latest forward pass is reused, once, while the backward pass still
+        holds it and the mask has not changed since (same tensor, same version counter), so a
+        penalty computed right after the forward pass costs no extra pass over the mask.
         """
-        fresh = self.__dict__.pop("_fresh_keep", None)
-        keep = None
+        fresh = self.__dict__.pop("_fresh_h", None)
+        h = None
         if fresh is not None and fresh[1] is self.mask and fresh[2] == self.mask._version:
-            keep = fresh[0]
-        return active_count(self.mask, self.ste, keep=keep)
+            h = fresh[0]()
+        return active_count(self.mask, self.ste, h=h)
 
     def __getstate__(self) -> dict[str, Any]:
-        # the forward pass's comparison belongs to this object's mask, never to a copy's
+        # the forward pass's H(mask) belongs to this object's mask, never to a copy's
         state = self.__dict__.copy()
-        state.pop("_fresh_keep", None)
+        state.pop("_fresh_h", None)
         return state
 
     def hard_mask(self) -> Tensor:

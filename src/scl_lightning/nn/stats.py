@@ -37,8 +37,10 @@ def total_connections(model: nn.Module) -> int:
 def connection_count(model: nn.Module, *, density: bool = False) -> Tensor:
     """The differentiable number of active connections ``C = sum_layers sum H(m)``.
 
-    The forward value is exact; its gradient with respect to each mask variable is that
-    layer's estimator's proxy ``proxy(m)`` (divided by the total count with ``density=True``).
+    The forward value is exact: a float32 scalar, or float64 when the model has more than
+    ``2**24`` maskable connections (float32 holds every integer only up to there). Its gradient
+    with respect to each mask variable is that layer's estimator's proxy ``proxy(m)`` (divided
+    by the total count with ``density=True``).
 
     Args:
         model: a network with masked layers.
@@ -55,12 +57,14 @@ def connection_count(model: nn.Module, *, density: bool = False) -> Tensor:
         tensor(6., grad_fn=<AddBackward0>)
     """
     layers = _require_masked(model, "connection_count")
-    count: Tensor = torch.zeros((), device=layers[0][1].mask.device)
+    total = sum(layer.mask.numel() for _, layer in layers)
+    # never in half precision (a bfloat16 count is not exact above 256)
+    dtype = torch.float64 if total > 2**24 else torch.float32
+    count: Tensor = torch.zeros((), dtype=dtype, device=layers[0][1].mask.device)
     for _, layer in layers:
-        # Sum in float32: a half-precision mask would lose counts above 2048.
-        count = count + layer.active_count().float()
+        count = count + layer.active_count().to(dtype)
     if density:
-        count = count / sum(layer.mask.numel() for _, layer in layers)
+        count = count / total
     return count
 
 

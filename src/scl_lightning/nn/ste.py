@@ -13,7 +13,7 @@ Two autograd functions use the estimators:
   it is what :func:`~scl_lightning.nn.stats.connection_count` sums.
 * :func:`masked_weight` gives ``w * H(m)`` fused: gradients ``dL/dw = g * H(m)`` and
   ``dL/dm = (g * w) * proxy(m)``. Beyond ``w`` and ``m`` (parameters, already resident) it saves
-  only the boolean ``m > 0`` for the backward pass: one byte per weight.
+  ``H(m)`` for the backward pass, in the weight's dtype.
 """
 
 from __future__ import annotations
@@ -39,9 +39,13 @@ __all__ = [
 ]
 
 
-def step(m: Tensor) -> Tensor:
-    """The unit step ``H(m) = 1[m > 0]`` in the dtype of ``m`` (no gradient)."""
-    return (m > 0).to(m.dtype)
+def step(m: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The unit step ``H(m) = 1[m > 0]`` in ``dtype`` (default: the dtype of ``m``; no
+    gradient), written by the comparison itself: one pass, no boolean temporary."""
+    dtype = dtype or m.dtype
+    if torch.compiler.is_compiling():
+        return (m > 0).to(dtype)  # fused by the compiler anyway; `out=` would break the graph
+    return torch.gt(m.detach(), 0, out=torch.empty_like(m, dtype=dtype))
 
 
 class STE:
@@ -217,16 +221,22 @@ def get_ste(ste: str | STE, **kwargs: Any) -> STE:
 
 class _ActiveCount(torch.autograd.Function):
     """``sum(H(m))`` as a scalar, with ``d/dm := proxy(m)``: one comparison pass forward (or
-    none, counting a given ``keep = m > 0``), and for the identity estimator a broadcast scalar
+    only a sum, of a given ``h = H(m)``), and for the identity estimator a broadcast scalar
     backward (nothing the size of ``m``)."""
 
     @staticmethod
-    def forward(ctx: Any, m: Tensor, ste: STE, keep: Tensor | None) -> Tensor:
+    def forward(ctx: Any, m: Tensor, ste: STE, h: Tensor | None) -> Tensor:
         ctx.save_for_backward(m)
         ctx.ste = ste
-        # in at least float32: a bfloat16 count is not exact above 256
-        count = torch.count_nonzero(m > 0 if keep is None else keep)
-        return count.to(torch.promote_types(m.dtype, torch.float32))
+        # In at least float32 (a bfloat16 count is not exact above 256), and in float64 above
+        # 2**24 connections: a sum of 0s and 1s is exact while every partial sum is an integer
+        # the accumulator represents exactly.
+        dtype = torch.promote_types(m.dtype, torch.float32)
+        if m.numel() > 2**24:
+            dtype = torch.float64
+        if h is None:
+            return torch.count_nonzero(m > 0).to(dtype)
+        return h.sum(dtype=dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
@@ -234,12 +244,12 @@ class _ActiveCount(torch.autograd.Function):
         return ctx.ste.scale(grad.to(m.dtype).expand_as(m), m), None, None
 
 
-def active_count(m: Tensor, ste: STE | None = None, *, keep: Tensor | None = None) -> Tensor:
+def active_count(m: Tensor, ste: STE | None = None, *, h: Tensor | None = None) -> Tensor:
     """``H(m).sum()``, differentiable through ``ste`` like :func:`heaviside`, but without the
     ``H(m)`` tensor.
 
-    ``keep``, when given, must be ``m > 0`` for the current values of ``m`` (a masked layer's
-    forward pass has computed it already): it is counted instead of comparing ``m`` again.
+    ``h``, when given, must be ``step(m)`` for the current values of ``m`` (a masked layer's
+    forward pass has computed it already): it is summed instead of comparing ``m`` again.
 
     Example::
 
@@ -249,7 +259,7 @@ def active_count(m: Tensor, ste: STE | None = None, *, keep: Tensor | None = Non
         >>> count, m.grad
         (tensor(2., grad_fn=<_ActiveCountBackward>), tensor([1., 1., 1.]))
     """
-    return _ActiveCount.apply(m, ste if ste is not None else _IDENTITY, keep)
+    return _ActiveCount.apply(m, ste if ste is not None else _IDENTITY, h)
 
 
 class _Heaviside(torch.autograd.Function):
@@ -265,32 +275,25 @@ class _Heaviside(torch.autograd.Function):
         return ctx.ste.scale(grad, m), None
 
 
-def _as_bytes(keep: Tensor) -> Tensor:
-    """The bool mask as 0/1 bytes (the same memory): multiplying a float tensor by it keeps the
-    float dtype."""
-    return keep.view(torch.uint8)
-
-
 class _MaskedWeight(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, w: Tensor, m: Tensor, ste: STE, keep: Tensor | None) -> Tensor:
-        if keep is None:
-            keep = m > 0  # bool: a quarter of a float32 weight, and computed once per step
-        ctx.save_for_backward(w, m, keep)
+    def forward(ctx: Any, w: Tensor, m: Tensor, ste: STE, h: Tensor | None) -> Tensor:
+        if h is None:
+            h = step(m, w.dtype)
+        # H(m) as a float tensor of the weight's dtype, saved for the weight gradient. Not a
+        # boolean mask with torch.where (the CPU kernel of `where` branches per element: 0.3 ms
+        # for a 300x3072 weight with every mask on, 1.9 ms with a random half off), nor
+        # multiplied as bytes (the multiply converts them to a float copy first, every call).
+        ctx.save_for_backward(w, m, h)
         ctx.ste = ste
-        # A multiply by the mask's bytes rather than torch.where(keep, w, 0): the CPU kernel of
-        # `where` branches per element, and on the scattered masks SCL learns it is up to 6x
-        # slower than a multiply (1.9 ms vs 0.3 ms for a 300x3072 weight at half sparsity, its
-        # speed depending on the pattern). Differences: a pruned negative weight gives -0.0,
-        # and a non-finite pruned weight gives NaN instead of hiding.
-        return w * _as_bytes(keep)
+        return w * h
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        w, m, keep = ctx.saved_tensors
+        w, m, h = ctx.saved_tensors
         grad_w = grad_m = None
         if ctx.needs_input_grad[0]:
-            grad_w = grad * _as_bytes(keep)
+            grad_w = grad * h
         if ctx.needs_input_grad[1]:
             grad_m = ctx.ste.scale(grad * w, m)
         return grad_w, grad_m, None, None
@@ -310,12 +313,12 @@ def heaviside(m: Tensor, ste: STE | None = None) -> Tensor:
 
 
 def masked_weight(
-    w: Tensor, m: Tensor, ste: STE | None = None, *, keep: Tensor | None = None
+    w: Tensor, m: Tensor, ste: STE | None = None, *, h: Tensor | None = None
 ) -> Tensor:
     """The effective weight ``w * H(m)``, differentiable in ``w`` and (through ``ste``) in ``m``.
 
-    ``keep``, when given, must be ``m > 0`` (the caller computed it): it is used instead of
-    comparing ``m`` again.
+    ``h``, when given, must be ``step(m, w.dtype)`` (the caller computed it): it is used instead
+    of comparing ``m`` again.
 
     Example::
 
@@ -324,7 +327,7 @@ def masked_weight(
         >>> masked_weight(w, m)
         tensor([0., 4.], grad_fn=<_MaskedWeightBackward>)
     """
-    return _MaskedWeight.apply(w, m, ste if ste is not None else _IDENTITY, keep)
+    return _MaskedWeight.apply(w, m, ste if ste is not None else _IDENTITY, h)
 
 
 _IDENTITY = IdentitySTE()
