@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from scl_lightning.nn.masked import MaskedLayer
 from scl_lightning.nn.sparsify import maskable_modules
+from scl_lightning.nn.ste import count_positive
 
 __all__ = ["FlopCounts", "count_flops", "dense_view", "example_from_batch", "maskable_connectivity"]
 
@@ -117,11 +118,11 @@ def maskable_connectivity(model: nn.Module) -> dict[str, tuple[int, int]]:
         names.append(name)
         totals.append(numel)
         if isinstance(module, MaskedLayer):
-            counts.append((module.mask > 0).sum())
+            counts.append(count_positive(module.mask))
         else:
-            counts.append(torch.tensor(numel))
+            counts.append(torch.tensor(float(numel)))
     if not names:
         return {}
     device = counts[0].device
-    active = torch.stack([c.to(device) for c in counts]).tolist()
+    active = torch.stack([c.to(device, torch.float64) for c in counts]).tolist()
     return {n: (int(a), t) for n, a, t in zip(names, active, totals, strict=True)}

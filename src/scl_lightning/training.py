@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from scl_lightning.nn.sparsify import masked_modules
+from scl_lightning.nn.ste import count_positive
 
 __all__ = [
     "MASK_GROUP_KEY",
@@ -205,7 +206,9 @@ class LayerCollapseGuard:
         layers = list(masked_modules(model))
         if not layers:
             return []
-        counts = torch.stack([(layer.mask > 0).sum() for _, layer in layers]).tolist()
+        counts = torch.stack(
+            [count_positive(layer.mask).to(torch.float64) for _, layer in layers]
+        ).tolist()
         low = []
         for (name, layer), count in zip(layers, counts, strict=True):
             floor = min(self.min_connections, layer.mask.numel())

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from scl_lightning.nn.sparsify import masked_modules
+from scl_lightning.nn.ste import count_positive
 
 __all__ = [
     "LayerConnectivity",
@@ -91,7 +92,9 @@ def layer_connectivity(model: nn.Module) -> list[LayerConnectivity]:
     """
     layers = _require_masked(model, "layer_connectivity")
     device = layers[0][1].mask.device
-    active = torch.stack([(layer.mask > 0).sum().to(device) for _, layer in layers]).tolist()
+    active = torch.stack(
+        [count_positive(layer.mask).to(device, torch.float64) for _, layer in layers]
+    ).tolist()
     return [
         LayerConnectivity(name, tuple(layer.mask.shape), int(a), layer.mask.numel())
         for (name, layer), a in zip(layers, active, strict=True)

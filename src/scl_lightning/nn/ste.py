@@ -31,6 +31,7 @@ __all__ = [
     "SoftplusSTE",
     "active_count",
     "available_stes",
+    "count_positive",
     "get_ste",
     "heaviside",
     "masked_weight",
@@ -46,6 +47,28 @@ def step(m: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     if torch.compiler.is_compiling():
         return (m > 0).to(dtype)  # fused by the compiler anyway; `out=` would break the graph
     return torch.gt(m.detach(), 0, out=torch.empty_like(m, dtype=dtype))
+
+
+def _count_dtype(m: Tensor) -> torch.dtype:
+    # At least float32 (a bfloat16 count is not exact above 256), and float64 above 2**24
+    # entries: a sum of 0s and 1s is exact while every partial sum is an integer that the
+    # accumulator represents exactly.
+    if m.numel() > 2**24:
+        return torch.float64
+    return torch.promote_types(m.dtype, torch.float32)
+
+
+def count_positive(m: Tensor) -> Tensor:
+    """The number of entries of ``m`` that are > 0, exactly, as a float scalar tensor (no
+    gradient): ``H(m)`` written as floats by the comparison and summed, which is about twice as
+    fast on the CPU as summing the boolean ``m > 0`` (converted to int64 on the way).
+
+    Example::
+
+        >>> count_positive(torch.tensor([-1.0, 0.0, 2.0, 3.0]))
+        tensor(2.)
+    """
+    return step(m, _count_dtype(m)).sum()
 
 
 class STE:
@@ -228,15 +251,9 @@ class _ActiveCount(torch.autograd.Function):
     def forward(ctx: Any, m: Tensor, ste: STE, h: Tensor | None) -> Tensor:
         ctx.save_for_backward(m)
         ctx.ste = ste
-        # In at least float32 (a bfloat16 count is not exact above 256), and in float64 above
-        # 2**24 connections: a sum of 0s and 1s is exact while every partial sum is an integer
-        # the accumulator represents exactly.
-        dtype = torch.promote_types(m.dtype, torch.float32)
-        if m.numel() > 2**24:
-            dtype = torch.float64
         if h is None:
-            return torch.count_nonzero(m > 0).to(dtype)
-        return h.sum(dtype=dtype)
+            return count_positive(m)
+        return h.sum(dtype=_count_dtype(m))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
