@@ -11,6 +11,7 @@ from scl_lightning.nn.ste import (
     LeakyReLUSTE,
     SoftplusSTE,
     available_stes,
+    count_positive,
     get_ste,
     heaviside,
     masked_weight,
@@ -280,3 +281,18 @@ def test_register_ste_duplicate_name_errors_and_custom_ste_works():
 def test_base_ste_proxy_not_implemented():
     with pytest.raises(NotImplementedError):
         STE().proxy(torch.zeros(1))
+
+
+def test_step_in_another_dtype_and_nan_is_pruned():
+    m = torch.tensor([float("nan"), -1.0, 0.0, 2.0])
+    h = step(m, torch.bfloat16)
+    assert h.dtype == torch.bfloat16
+    assert h.tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert not h.requires_grad and not step(m.requires_grad_()).requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_count_positive_is_exact_beyond_the_dtype_range(dtype):
+    m = torch.ones(5000, dtype=dtype)  # bfloat16 holds every integer only up to 256
+    m[::7] = -1.0
+    assert count_positive(m).item() == 5000 - len(range(0, 5000, 7))
