@@ -44,7 +44,7 @@ _MODULE_MARK = "<module>:"
 def _fusable(params: Sequence[Tensor]) -> bool:
     """Whether torch's fused optimizer kernels take every parameter (floating point, on one of
     the devices they support): one pass per tensor for the whole update (weight decay, momentum,
-    step) instead of four, the same results."""
+    step) instead of four; the same update, rounded differently in the last bit."""
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
