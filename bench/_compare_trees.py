@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--mlp-shape", type=int, nargs=3, default=None)
     parser.add_argument("--mask-sparsity", type=float, default=0.5)
     args = parser.parse_args()
+    if not 0.0 <= args.mask_sparsity < 1.0:
+        parser.error(f"--mask-sparsity must be in [0, 1), got {args.mask_sparsity}")
     trees = {"before": args.before, "after": args.after}
     for label, path in trees.items():
         if not (Path(path) / "scl_lightning").is_dir():

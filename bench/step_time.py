@@ -432,6 +432,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not 0.0 <= args.mask_sparsity < 1.0:
+        parser.error(f"--mask-sparsity must be in [0, 1), got {args.mask_sparsity}")
     if args._one is not None:
         model, variant, steps, warmup, threads, options = json.loads(args._one)
         print(json.dumps(run_one(model, variant, steps, warmup, threads, options)))
