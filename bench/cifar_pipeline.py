@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _common import pick_device
 from torch.utils.data import DataLoader, Dataset
 
 from scl_lightning.data.cifar import (
@@ -103,12 +104,7 @@ def main() -> None:
     )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
-    if args.threads:
-        # On a small shared machine, 1 thread avoids OpenMP barriers stalling on a busy core.
-        torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
+    device = pick_device(args.device, args.threads)
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8, generator=g)

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from _common import pick_device
 
 from scl_lightning.nn.ste import masked_weight
 
@@ -100,11 +101,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch default")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
+    device = pick_device(args.device, args.threads)
     cpu = f"CPU ({os.cpu_count()} cores)"
     name = torch.cuda.get_device_name() if device.type == "cuda" else cpu
     print(

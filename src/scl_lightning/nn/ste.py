@@ -6,7 +6,7 @@ proxy must be positive everywhere so that every mask variable keeps receiving gr
 zero in both directions, and converges. ``hardtanh`` breaks that principle on purpose (its proxy is
 zero for ``|m| > 1``) and exists for the ablation that shows why it matters.
 
-Two autograd functions use the estimators:
+Three autograd functions use the estimators:
 
 * :func:`heaviside` gives ``H(m)`` with ``dH/dm := proxy(m)``.
 * :func:`active_count` gives ``sum(H(m))`` with the same gradient, without the ``H(m)`` tensor;
