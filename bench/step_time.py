@@ -98,7 +98,10 @@ def run_one(
     from torch.nn import functional as F
     from torch.utils.data import DataLoader
 
-    import scl_lightning.callbacks.sparsity_monitor as monitor_module
+    try:
+        import scl_lightning.nn.flops as flops_module
+    except ImportError:  # a tree from before the layout of issue 11 (bench/_compare_trees.py)
+        import scl_lightning.flops as flops_module  # type: ignore[no-redef]
     from scl_lightning import SCLModule, global_sparsity, masked_modules
     from scl_lightning.callbacks import (
         MaskGradientNormalization,
@@ -200,13 +203,13 @@ def run_one(
                 (self.logging_s if self._logged else self.quiet_s).append(spent)
 
     traces = []
-    original_count_flops = monitor_module.count_flops
+    original_count_flops = flops_module.count_flops
 
     def counting_count_flops(*args, **kwargs):  # type: ignore[no-untyped-def]
         traces.append(1)
         return original_count_flops(*args, **kwargs)
 
-    monitor_module.count_flops = counting_count_flops
+    flops_module.count_flops = counting_count_flops
 
     class PlainClassifier(pl.LightningModule):
         """Someone else's module: a backbone, cross-entropy and the SGD of SCLModule."""

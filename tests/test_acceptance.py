@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scl_lightning.cli import main
+from scl_lightning.experiment.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SEEDS = (0, 1, 2)

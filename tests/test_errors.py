@@ -25,9 +25,9 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 
 from _helpers import quiet_trainer
 from scl_lightning import SCLModule
-from scl_lightning.checkpoint import CheckpointError
-from scl_lightning.cli import main
 from scl_lightning.data import CIFAR10DataModule, DigitsDataModule
+from scl_lightning.experiment.checkpoint import CheckpointError
+from scl_lightning.experiment.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -124,6 +124,15 @@ MESSAGES: dict[str, list[str]] = {
     "ckpt_mask_shapes": [
         "does not fit this model: mask model.layers.1.mask has shape (300, 3072) in the "
         "checkpoint and (300, 1728) in the model",
+    ],
+    "evaluate_without_ckpt": [
+        "scl validate needs a trained model: pass --ckpt_path PATH (a checkpoint file) or "
+        "--ckpt_path last (the latest checkpoint of this recipe's runs)"
+    ],
+    "evaluate_last_missing": [
+        "--ckpt_path last: no checkpoint (last*.ckpt) under",
+        "; train first with `scl fit --config",
+        "`, or pass --ckpt_path PATH (a checkpoint file)",
     ],
     "output_dir_taken": [
         "already holds a run",
@@ -460,11 +469,31 @@ def test_checkpoint_with_other_mask_shapes(workdir, capsys):
     _kept(before, workdir)
 
 
+def test_evaluating_without_a_checkpoint(finished_run, workdir, capsys):
+    """`scl validate` with no --ckpt_path would evaluate a freshly initialized model."""
+    before = _hashes(workdir)
+    _fails(capsys, ["validate", *BASE], "evaluate_without_ckpt")
+    assert _hashes(workdir) == before  # no new run directory, no logs
+    assert _run_dirs(workdir) == {finished_run}
+
+
+def test_evaluating_the_last_checkpoint_of_a_recipe_never_trained(finished_run, workdir, capsys):
+    """`--ckpt_path last` looks where this recipe's runs write checkpoints (here
+    runs/digits_mlp/version_*/checkpoints), not at other recipes' runs."""
+    before = _hashes(workdir)
+    args = ["test", *BASE, "--trainer.logger.init_args.name=digits_mlp", "--ckpt_path=last"]
+    line = _fails(capsys, args, "evaluate_last_missing")
+    assert "scl test --ckpt_path last: " in line
+    assert str(Path("runs") / "digits_mlp" / "version_*" / "checkpoints") in line
+    assert _hashes(workdir) == before
+    assert _run_dirs(workdir) == {finished_run}
+
+
 # -------------------------------------------------------------------------------- outputs
 
 
 @pytest.mark.parametrize(
-    "logger", ["scl_lightning.loggers.CSVLogger", "lightning.pytorch.loggers.CSVLogger"]
+    "logger", ["scl_lightning.experiment.loggers.CSVLogger", "lightning.pytorch.loggers.CSVLogger"]
 )
 def test_output_directory_holding_a_finished_run(workdir, capsys, logger):
     # Lightning's own CSVLogger deletes metrics.csv as soon as it starts in a directory: the
@@ -502,9 +531,9 @@ def test_nan_learning_rate_stops_the_run(finished_run, workdir, capsys):
 WANDB_CONFIG = (
     "trainer:\n"
     "  logger:\n"
-    "    - class_path: scl_lightning.loggers.CSVLogger\n"
+    "    - class_path: scl_lightning.experiment.loggers.CSVLogger\n"
     "      init_args: {save_dir: runs}\n"
-    "    - class_path: scl_lightning.loggers.WandbLogger\n"
+    "    - class_path: scl_lightning.experiment.loggers.WandbLogger\n"
     "      init_args: {save_dir: runs, init_timeout: 3}\n"
 )
 

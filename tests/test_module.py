@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from _helpers import quiet_trainer
 from scl_lightning import SCLModule, global_sparsity, masked_modules
 from scl_lightning.callbacks import MaskGradientNormalization, SparsityMonitor
+from scl_lightning.callbacks.mask_group import MASK_GROUP_KEY
 from scl_lightning.data import DigitsDataModule
 from scl_lightning.models import LeNet300100
-from scl_lightning.training import MASK_GROUP_KEY
 
 # LeNet-300-100 shrunk to 64-16-10: same code path, a fraction of the time
 SMALL = {"input_shape": (1, 8, 8), "backbone_kwargs": {"hidden": [16]}}
@@ -110,7 +110,7 @@ def test_from_module_sparsifies_it_in_place():
     # a module is not a hyper-parameter: only its class is recorded, for a clear error on load
     assert module.hparams["backbone"] == "<module>:Sequential"
     assert module.hparams.mask_init == 0.5
-    assert module.total_connections == 64 * 8 + 8 * 4  # all maskable layers, masked or not
+    assert module.total_connections == 64 * 8  # the masked layers only (nn.stats.connectivity)
 
 
 def test_ste_kwargs_reach_the_estimator():
@@ -173,10 +173,16 @@ def test_invalid_arguments(kwargs, match):
         ),
     ],
 )
-def test_configure_optimizers_param_groups(factory, optimizer_cls, weight_decay):
+def test_configure_optimizers_param_groups(tmp_path, factory, optimizer_cls, weight_decay):
     module = SCLModule(optimizer=factory, constant_lr=True, mask_lr=0.03, **SMALL)
     module.model.layers[1].bias.requires_grad_(False)  # frozen parameters are left out
-    optimizer = module.configure_optimizers()
+    (group,) = module.configure_optimizers().param_groups  # the engine adds the mask group
+    assert {id(p) for p in group["params"]} == {
+        id(p) for p in module.parameters() if p.requires_grad
+    }
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(module, DigitsDataModule())
+    (optimizer,) = trainer.optimizers
     assert type(optimizer) is optimizer_cls
     weights, masks = optimizer.param_groups
     mask_ids = {id(m) for m in module.masks}
@@ -276,17 +282,17 @@ def test_loss_is_task_loss_plus_lam_times_connections(penalty):
     count = torch.tensor(float(active))
     if penalty == "density":
         count = count / module.total_connections
-    assert torch.equal(loss, task_loss + lam * count)
+    torch.testing.assert_close(loss, task_loss + lam * count, rtol=0, atol=1e-6)
 
-    # gradient of the penalty reaching every mask: lam (count) or lam / N (density), through
-    # the identity estimator, on top of the task loss's gradient
+    # The value is the objective's; its gradient is the task loss's only: the penalty's
+    # gradient is added by the engine before the optimizer step (the same code as the drop-in
+    # callback's, tested there), never twice.
     loss.backward()
-    with_penalty = [m.grad.clone() for m in module.masks]
+    from_loss = [m.grad.clone() for m in module.masks]
     module.zero_grad()
     F.cross_entropy(module(x), y).backward()
-    expected = lam if penalty == "count" else lam / module.total_connections
-    for total, mask in zip(with_penalty, module.masks, strict=True):
-        torch.testing.assert_close(total - mask.grad, torch.full_like(total, expected))
+    for total, mask in zip(from_loss, module.masks, strict=True):
+        torch.testing.assert_close(total, mask.grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -357,32 +363,43 @@ def test_fit_with_sparsity_monitor_leaves_sparsity_to_it(tmp_path):
     monitor = SparsityMonitor(log_every_n_steps=1)
     trainer = _trainer(tmp_path, callbacks=[MaskGradientNormalization(), monitor])
     trainer.fit(module, DigitsDataModule())
-    assert not module._log_sparsity
+    assert not module.engine._monitoring  # the engine's own monitor stands down
     # traced from example_input_array: 64*16 + 16*10 multiply-adds
     assert trainer.callback_metrics["flops/dense"] == 64 * 16 + 16 * 10
     assert "sparsity/model.layers.1" in trainer.callback_metrics
 
 
-def test_warns_without_mask_gradient_normalization(tmp_path):
-    module = SCLModule("lenet_300_100", **SMALL)
-    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
-    with pytest.warns(UserWarning, match="no MaskGradientNormalization callback"):
-        trainer.fit(module, DigitsDataModule())
+@pytest.mark.parametrize("callbacks", [[], [MaskGradientNormalization("rms")]])
+def test_normalization_is_built_in_and_runs_once(tmp_path, callbacks):
+    """The engine normalizes mask gradients (SCLModule(mask_grad_norm="rms"), the default);
+    a MaskGradientNormalization callback in the Trainer is taken over, not run a second time,
+    so both runs are the same bit for bit."""
+    masks = []
+    for cbs in ([], callbacks):
+        torch.manual_seed(0)
+        module = SCLModule("lenet_300_100", lam=1e-3, mask_lr=0.1, constant_lr=True, **SMALL)
+        trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=list(cbs))
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            trainer.fit(module, DigitsDataModule())
+        assert not [w for w in record if "MaskGradientNormalization" in str(w.message)]
+        masks.append([m.detach().clone() for m in module.masks])
+    assert _same(*masks)
+    assert not torch.all(masks[0][0] == 1.0), "masks moved"
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "callbacks"),
-    [({}, [MaskGradientNormalization]), ({"sparsify": False}, [])],
-)
-def test_no_warning_with_normalization_or_dense(tmp_path, kwargs, callbacks):
-    module = SCLModule("lenet_300_100", **SMALL, **kwargs)
-    trainer = _trainer(
-        tmp_path, max_steps=1, limit_val_batches=0, callbacks=[cb() for cb in callbacks]
-    )
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
+def test_mask_gradient_normalization_mode_overrides_the_engines(tmp_path):
+    def run(**kwargs):
+        torch.manual_seed(0)
+        callbacks = kwargs.pop("callbacks", [])
+        module = SCLModule("lenet_300_100", lam=1e-3, constant_lr=True, **SMALL, **kwargs)
+        trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=callbacks)
         trainer.fit(module, DigitsDataModule())
-    assert not [w for w in record if "MaskGradientNormalization" in str(w.message)]
+        return [m.detach().clone() for m in module.masks]
+
+    with_callback = run(callbacks=[MaskGradientNormalization("max")])
+    assert _same(with_callback, run(mask_grad_norm="max"))
+    assert not _same(with_callback, run(mask_grad_norm="rms"))
 
 
 def test_warmup_and_freeze_phases(tmp_path):
@@ -431,25 +448,6 @@ def test_top5_only_with_five_classes_or_more(tmp_path, num_classes, top5):
 # -- clipping, schedules and batch-size scaling, checkpoints --------------------------------------
 
 
-def test_gradient_clipping_leaves_mask_gradients_out(tmp_path):
-    module = SCLModule("lenet_300_100", num_classes=10, input_shape=(1, 8, 8), constant_lr=True)
-    trainer = _trainer(tmp_path)
-    trainer.strategy.connect(module)
-    module.trainer = trainer
-    optimizer = module.configure_optimizers()
-    for p in module.parameters():
-        p.grad = torch.ones_like(p)
-    mask_grads = [m.grad.clone() for m in module.masks]
-    module.configure_gradient_clipping(optimizer, 1.0, "norm")
-    weights = [p for g in optimizer.param_groups if not g.get(MASK_GROUP_KEY) for p in g["params"]]
-    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in weights]))
-    assert total == pytest.approx(1.0, rel=1e-4)
-    assert all(torch.equal(m.grad, g) for m, g in zip(module.masks, mask_grads, strict=True))
-    module.configure_gradient_clipping(optimizer, 1e-3, "value")
-    assert all(float(p.grad.abs().max()) <= 1e-3 + 1e-9 for p in weights)
-    assert all(torch.equal(m.grad, g) for m, g in zip(module.masks, mask_grads, strict=True))
-
-
 def test_digits_recipe_still_prunes_with_gradient_clipping(tmp_path):
     module = SCLModule("lenet_300_100", num_classes=10, input_shape=(1, 8, 8), lam=2e-5)
     trainer = _trainer(
@@ -478,20 +476,24 @@ def test_one_cycle_schedules_the_mask_group_relative_to_mask_lr(tmp_path):
         ),
         lr_scheduler_config={"interval": "step"},
     )
-    trainer = _trainer(tmp_path)
-    trainer.strategy.connect(module)
-    module.trainer = trainer
-    config = module.configure_optimizers()
-    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
-    assert config["lr_scheduler"]["interval"] == "step"
-    weights, masks = optimizer.param_groups
-    assert masks["lr"] == pytest.approx(0.01)
-    assert weights["lr"] == pytest.approx(0.02)
-    for _ in range(30):
-        optimizer.step()
-        scheduler.step()
-        assert masks["lr"] / weights["lr"] == pytest.approx(0.01 / 0.02)
-    assert weights["lr"] > 0.3  # the cycle is under way: near its peak of 0.5
+    ratios = []
+
+    class Ratios(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            weights, masks = trainer.optimizers[0].param_groups
+            ratios.append((weights["lr"], masks["lr"]))
+
+        def on_train_start(self, trainer, pl_module):
+            weights, masks = trainer.optimizers[0].param_groups
+            ratios.append((weights["lr"], masks["lr"]))
+
+    trainer = _trainer(tmp_path, limit_train_batches=30, limit_val_batches=0, callbacks=[Ratios()])
+    trainer.fit(module, DigitsDataModule())
+    assert trainer.lr_scheduler_configs[0].interval == "step"
+    assert ratios[0] == pytest.approx((0.02, 0.01))
+    for weight_lr, mask_lr in ratios:
+        assert mask_lr / weight_lr == pytest.approx(0.01 / 0.02)
+    assert ratios[-1][0] > 0.3  # the cycle is under way: near its peak of 0.5
 
 
 def test_reduce_on_plateau_with_monitor(tmp_path):
@@ -636,13 +638,21 @@ def test_logger_only_values_are_logged_at_lightnings_logging_steps_only(tmp_path
     assert steps["train/loss"] == [0, 1, 2, 3, 4, 5]
     # Lightning logs steps 2 and 5 (0-based: the 3rd and 6th) to the loggers
     assert steps["train/task_loss"] == steps["train/connections"] == [2, 5]
-    assert steps["lam"] == [0]  # once per epoch: it stays in the progress bar
+    assert steps["train/penalty"] == [2, 5]
+    assert steps["lam"] == [1]  # once per epoch, by the engine after the first step: it stays
     assert steps["train/acc"] == steps["train/acc_top5"] == [0]  # metric objects: per epoch
     assert trainer.progress_bar_metrics["lam"] == pytest.approx(module.lam)
     with open(f"{logger.log_dir}/metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     assert [int(r["step"]) for r in rows] == [2, 5]
     assert all(r["train/task_loss"] and r["train/connections"] for r in rows)
+    for r in rows:  # the objective, logged: task + lam * C
+        assert float(r["train/loss"]) == pytest.approx(
+            float(r["train/task_loss"]) + module.lam * float(r["train/connections"]), rel=1e-5
+        )
+        assert float(r["train/penalty"]) == pytest.approx(
+            module.lam * float(r["train/connections"]), rel=1e-6
+        )
 
 
 def test_train_accuracy_is_over_every_batch_of_the_epoch(tmp_path):
@@ -676,3 +686,31 @@ def test_train_accuracy_is_over_every_batch_of_the_epoch(tmp_path):
     trainer.callbacks.append(checker)
     trainer.fit(module, data)
     assert checker.checked == 2
+
+
+def test_exclude_counts_the_masked_layers_only(tmp_path):
+    """With a layer left dense, sparsity/global and train/connections are over the masked
+    layers (they counted the dense layer too: 0.5676 where 512 of 1,024 masked connections are
+    pruned), and the whole network's figure has its own name."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    module = SCLModule(net, lam=0.0, exclude=["3"], mask_grad_norm="none", constant_lr=True)
+    with torch.no_grad():
+        module.model[1].mask[:8] = -1.0  # 512 of the 1,024 masked connections
+    assert module.total_connections == 1024
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0, log_every_n_steps=1)
+    module.engine.mask_lr = 1e-12  # masks keep their values (lam is 0 and no normalization)
+    trainer.fit(module, DigitsDataModule())
+    metrics = trainer.callback_metrics
+    assert metrics["train/connections"] == 512
+    assert metrics["sparsity/global"] == pytest.approx(0.5)
+    assert metrics["sparsity/global_including_dense"] == pytest.approx(512 / (1024 + 160))
+    assert global_sparsity(module.model) == pytest.approx(0.5)
+
+
+def test_predict_from_a_labelled_batch(tmp_path):
+    module = SCLModule("lenet_300_100", **SMALL)
+    trainer = _trainer(tmp_path)
+    x, y = _digits_batch(8)
+    (out,) = trainer.predict(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert out.shape == (8, 10)
+    torch.testing.assert_close(out, module(x))

@@ -20,9 +20,14 @@ import torch
 from torch import nn
 
 import scl_lightning
-import scl_lightning.export as export_module
+import scl_lightning.deploy.export as export_module
 from scl_lightning import export_pruned, global_sparsity, masked_modules, sparsify
-from scl_lightning.export import PRUNED_FORMAT, PRUNED_METADATA_KEYS, load_pruned, save_pruned
+from scl_lightning.deploy.export import (
+    PRUNED_FORMAT,
+    PRUNED_METADATA_KEYS,
+    load_pruned,
+    save_pruned,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "scl_lightning"
 #: The one module allowed to unpickle: a restricted unpickler for the official CIFAR archives.

@@ -6,8 +6,8 @@ on ``task loss + lambda * (number of active connections)`` (Tang et al., arXiv 2
 """
 
 from scl_lightning import callbacks
-from scl_lightning.checkpoint import SafeCheckpointIO, load_checkpoint
-from scl_lightning.export import load_pruned, save_pruned
+from scl_lightning.deploy import load_pruned, save_pruned
+from scl_lightning.experiment.checkpoint import SafeCheckpointIO, load_checkpoint
 from scl_lightning.module import SCLModule
 from scl_lightning.nn import (
     connection_count,

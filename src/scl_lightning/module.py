@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -15,26 +16,13 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from scl_lightning.callbacks.mask_grad_norm import MaskGradientNormalization
-from scl_lightning.callbacks.sparsity_monitor import SparsityMonitor
-from scl_lightning.checkpoint import CheckpointError, check_compatible
-from scl_lightning.flops import maskable_connectivity
-from scl_lightning.loggers import logs_this_step
+from scl_lightning._compat import CheckpointError, check_compatible
+from scl_lightning._utils import is_int
+from scl_lightning.callbacks._logging import logs_this_step
+from scl_lightning.callbacks.sparse_connectivity_learning import SparseConnectivityLearning
 from scl_lightning.models import create_model
-from scl_lightning.nn.masked import validate_mask_init
 from scl_lightning.nn.sparsify import sparsify as _sparsify
-from scl_lightning.nn.stats import connection_count
-from scl_lightning.nn.ste import get_ste
-from scl_lightning.training import (
-    MASK_GROUP_KEY,
-    LayerCollapseGuard,
-    attach_mask_group,
-    drop_mask_grads,
-    mask_parameters,
-    masks_trainable,
-    validate_phases,
-    validate_positive,
-)
+from scl_lightning.nn.stats import connectivity
 
 __all__ = ["SCLModule"]
 
@@ -61,10 +49,21 @@ class SCLModule(pl.LightningModule):
 
     The backbone's ``nn.Linear``/``nn.ConvNd`` layers are masked with
     :func:`~scl_lightning.sparsify` and trained on ``task_loss + lam * C``, where ``C`` is the
-    number of active connections (or the active fraction with ``penalty="density"``). Weights and
-    masks are separate optimizer parameter groups: masks get ``mask_lr`` and no weight decay.
-    Pair it with :class:`~scl_lightning.callbacks.MaskGradientNormalization` (a warning says so
-    when it is missing) and, for FLOPs, :class:`~scl_lightning.callbacks.SparsityMonitor`.
+    number of active connections (or the active fraction with ``penalty="density"``), counted
+    over the masked layers (:func:`~scl_lightning.nn.connectivity`).
+
+    The method itself is not written here: the module brings the SCL engine,
+    :class:`~scl_lightning.callbacks.SparseConnectivityLearning`, through
+    ``configure_callbacks`` (available as :attr:`engine`). It moves the masks into an optimizer
+    group of their own (``mask_lr``, no weight decay), adds the penalty's gradient and
+    normalizes the mask gradients per feature before each optimizer step, runs the phases,
+    keeps masks out of gradient clipping, guards against collapse and logs sparsity and FLOPs,
+    exactly as it does for anyone's LightningModule: SCLModule and the drop-in callback train
+    identically by construction. This module adds a classifier around it: backbone, task loss,
+    accuracy metrics, default optimizer and schedule, and the objective's logs
+    ``train/loss`` (``task + lam * C``, the value returned by ``training_step``; its gradient
+    is the task loss's, the penalty's is the engine's), ``train/task_loss``, ``train/penalty``
+    and ``train/connections``.
 
     Args:
         backbone: an ``nn.Module``, or a model registry name (see
@@ -81,13 +80,17 @@ class SCLModule(pl.LightningModule):
         ste: straight-through estimator name: ``identity``, ``leaky_relu``, ``softplus``,
             ``hardtanh``.
         ste_kwargs: the estimator's hyper-parameters, e.g. ``{"alpha": 0.1}``.
+        mask_grad_norm: per-feature normalization of the mask gradients (the engine's
+            ``normalize``): ``"rms"``, ``"l2"``, ``"max"`` or ``"none"``. A
+            :class:`~scl_lightning.callbacks.MaskGradientNormalization` callback in the Trainer
+            overrides it with its own ``mode``.
         mask_init: initial value of every mask variable, ``> 0``.
         exclude: module-name patterns (relative to the backbone) to leave dense.
         task_loss: the task loss; cross-entropy when ``None``.
         optimizer: builds the optimizer from the parameters; when ``None``,
             ``SGD(lr=0.05, momentum=0.9, weight_decay=5e-4)``, fused where torch has fused
-            kernels for the parameters' device (CPU, CUDA, ...). The masks are then moved to a
-            group of their own with ``lr=mask_lr`` and no weight decay.
+            kernels for the parameters' device (CPU, CUDA, ...). The engine then moves the masks
+            to a group of their own with ``lr=mask_lr`` and no weight decay.
         lr_scheduler: builds a scheduler from the optimizer; ``None`` means cosine annealing to 0
             over the whole run, stepped every optimizer step. The mask group follows the same
             schedule relative to ``mask_lr`` (``mask_lr`` is to the masks what the optimizer's
@@ -105,7 +108,7 @@ class SCLModule(pl.LightningModule):
         min_connections_per_layer: no masked layer is left with fewer active connections (its
             strongest masks are raised back above zero); ``0`` only warns, once per layer, when
             a layer loses every connection and cuts the network in two. See
-            :class:`~scl_lightning.training.LayerCollapseGuard`.
+            :class:`~scl_lightning.nn.LayerCollapseGuard`.
 
     Raises:
         ValueError: for an invalid argument (the message names it and the bad value).
@@ -129,6 +132,7 @@ class SCLModule(pl.LightningModule):
         sparsify: bool = True,
         ste: str = "identity",
         ste_kwargs: dict[str, float] | None = None,
+        mask_grad_norm: str = "rms",
         mask_init: float = 1.0,
         exclude: Sequence[str] = (),
         task_loss: nn.Module | None = None,
@@ -143,26 +147,32 @@ class SCLModule(pl.LightningModule):
         min_connections_per_layer: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        if not is_int(num_classes) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        validate_positive("lam", lam, allow_zero=True)
-        validate_positive("mask_lr", mask_lr)
-        if penalty not in ("count", "density"):
-            raise ValueError(f"penalty must be 'count' or 'density', got {penalty!r}")
-        validate_phases(warmup_epochs, freeze_masks_epoch)
-        self._collapse = LayerCollapseGuard(min_connections_per_layer)
         if lr_reference_batch_size is not None and (
-            isinstance(lr_reference_batch_size, bool)
-            or not isinstance(lr_reference_batch_size, int)
-            or lr_reference_batch_size < 1
+            not is_int(lr_reference_batch_size) or lr_reference_batch_size < 1
         ):
             raise ValueError(
                 "lr_reference_batch_size must be a positive integer or None, "
                 f"got {lr_reference_batch_size!r}"
             )
-        # checked even for a dense run, so a recipe's typo never waits for its SCL variant
-        get_ste(ste, **(ste_kwargs or {}))
-        validate_mask_init(mask_init)
+        # Every SCL argument is checked by the engine, even for a dense run, so a recipe's typo
+        # never waits for its SCL variant.
+        self._engine = SparseConnectivityLearning(
+            lam=lam,
+            penalty=penalty,
+            ste=ste,
+            ste_kwargs=ste_kwargs,
+            mask_init=mask_init,
+            exclude=exclude,
+            mask_lr=mask_lr,
+            normalize=mask_grad_norm,
+            warmup_epochs=warmup_epochs,
+            freeze_masks_epoch=freeze_masks_epoch,
+            target="model",
+            min_connections_per_layer=min_connections_per_layer,
+            sparsify=False,  # masked here, below, so that checkpoints load without a Trainer
+        )
         if isinstance(backbone, str) and backbone.startswith(_MODULE_MARK):
             raise ValueError(
                 f"this checkpoint was trained with a backbone module "
@@ -193,12 +203,7 @@ class SCLModule(pl.LightningModule):
                 backbone, exclude=exclude, mask_init=mask_init, ste=ste, ste_kwargs=ste_kwargs
             )
         self.model = backbone
-        self._masks = mask_parameters(backbone)
-        self.lam = float(lam)
-        self.penalty = penalty
-        self.mask_lr = float(mask_lr)
-        self.warmup_epochs = warmup_epochs
-        self.freeze_masks_epoch = freeze_masks_epoch
+        self._engine.collect_layers(backbone)
         self.constant_lr = constant_lr
         self.lr_scheduler_config = lr_scheduler_config
         self.lr_reference_batch_size = lr_reference_batch_size
@@ -207,9 +212,8 @@ class SCLModule(pl.LightningModule):
         self._scheduler_factory = lr_scheduler
         if input_shape is not None:
             self.example_input_array = torch.zeros(1, *input_shape)
-        self.total_connections = sum(t for _, t in maskable_connectivity(self.model).values())
-        self._log_sparsity = True
-        self._lam_shown = False
+        #: connections of the masked layers (every maskable layer's for a dense run)
+        self.total_connections = connectivity(self.model).total
         self._metrics_registered: set[str] = set()
         for stage in ("train", "val", "test"):
             # average="micro": the usual top-k accuracy (torchmetrics defaults to per-class macro)
@@ -226,31 +230,49 @@ class SCLModule(pl.LightningModule):
                 setattr(self, name, metric)
 
     @property
+    def engine(self) -> SparseConnectivityLearning:
+        """The SCL engine this module brings to the Trainer (``configure_callbacks``)."""
+        return self._engine
+
+    @property
+    def lam(self) -> float:
+        """The weight of the connection penalty (the engine's)."""
+        return self._engine.lam
+
+    @property
+    def penalty(self) -> str:
+        return self._engine.penalty
+
+    @property
+    def mask_lr(self) -> float:
+        return self._engine.mask_lr
+
+    @property
+    def warmup_epochs(self) -> int:
+        return self._engine.warmup_epochs
+
+    @property
+    def freeze_masks_epoch(self) -> int | None:
+        return self._engine.freeze_masks_epoch
+
+    @property
     def masks(self) -> list[nn.Parameter]:
-        """The backbone's mask variables (empty for a dense run)."""
-        return self._masks
+        """The backbone's mask variables, in module order (empty for a dense run)."""
+        return [layer.mask for layer in self._engine._layers.values()]
 
     @property
     def masks_learning(self) -> bool:
         """Whether masks are trained in the current epoch (phases and ``sparsify``)."""
-        return bool(self.masks) and masks_trainable(
-            self.current_epoch, self.warmup_epochs, self.freeze_masks_epoch
-        )
+        return self._engine.has_masks and self._engine.masks_learning(self.current_epoch)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
     @override
-    def on_fit_start(self) -> None:
-        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
-        self._log_sparsity = not any(isinstance(c, SparsityMonitor) for c in callbacks)
-        if self.masks and not any(isinstance(c, MaskGradientNormalization) for c in callbacks):
-            rank_zero_warn(
-                "SCLModule: no MaskGradientNormalization callback; raw mask gradients are badly "
-                "unbalanced across features and masks may barely move. Add "
-                "`scl_lightning.callbacks.MaskGradientNormalization()` to the Trainer's callbacks."
-            )
+    def configure_callbacks(self) -> list[Callback]:
+        # Lightning adds it to the Trainer's callbacks (replacing one of the same type)
+        return [self._engine]
 
     def _shared_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, int]:
         x, y = batch[0], batch[1]
@@ -285,40 +307,29 @@ class SCLModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         _, task_loss, n = self._shared_step(batch, "train")
         loss = task_loss
-        if not self.masks:
-            active = torch.tensor(float(self.total_connections))
-        elif self.masks_learning and self.lam > 0:
-            density = self.penalty == "density"
-            count = connection_count(self.model, density=density)
-            # in the task loss's dtype: the count is float64 above 2**24 connections (to stay
-            # exact for the log), which the loss does not need
-            loss = task_loss + (self.lam * count).to(task_loss.dtype)
-            active = count.detach() * (self.total_connections if density else 1)
-        else:
-            active = connection_count(self.model).detach()
+        logs = self._trainer is None or logs_this_step(self._trainer)
+        penalized = self.masks_learning and self.lam > 0
+        active: Tensor | float = float(self.total_connections)
+        penalty: Tensor | float = 0.0
+        if self._engine.has_masks and (penalized or logs):
+            # The objective's value, task + lam * C, for the connections this forward pass
+            # used. Its gradient is not taken from here: the engine adds lam * proxy(m) to the
+            # mask gradients before the optimizer step, for this module and the drop-in alike.
+            active, term = self._engine.penalty_value(self.model)
+            if penalized:
+                penalty = term
+                loss = task_loss + term.to(task_loss.device, task_loss.dtype)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         # Lightning's `log` costs about as much as a small network's whole step, so values that
         # only the loggers see are logged on the steps Lightning writes to them, no others
-        if self._trainer is None or logs_this_step(self._trainer):
+        if logs:
             self.log("train/task_loss", task_loss, batch_size=n)
+            self.log("train/penalty", penalty, batch_size=n)
             self.log("train/connections", active, batch_size=n)
-        if self.masks and not self._lam_shown:
-            # the penalty weight, shown next to the sparsity it drives (progress bar only; it
-            # stays there for the epoch, so once per epoch is enough)
-            self.log("lam", self.lam, prog_bar=True, logger=False, batch_size=n)
-            self._lam_shown = True
-        if self._log_sparsity:
-            self.log(
-                "sparsity/global",
-                1.0 - active / self.total_connections,
-                prog_bar=True,
-                batch_size=n,
-            )
         return loss
 
     @override
     def on_train_epoch_start(self) -> None:
-        self._lam_shown = False
         self._metrics_registered.discard("train")
 
     @override
@@ -355,31 +366,21 @@ class SCLModule(pl.LightningModule):
         )
 
     @override
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self.masks_learning:
-            return
-        # the floor is enforced after every step; collapse alone is looked for at log steps
-        every = max(1, int(self.trainer.log_every_n_steps))  # type: ignore[attr-defined]
-        if self._collapse.min_connections or self.trainer.global_step % every == 0:
-            self._collapse.check(self.model, warn=self.trainer.is_global_zero)
-
-    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         _, loss, bs = self._shared_step(batch, "val")
         # each DDP rank validates its own shard: average the loss over all of them
         self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
 
     @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        # the data modules' batches are (inputs, labels): predict from the inputs
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x)
+
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         _, loss, bs = self._shared_step(batch, "test")
         self.log("test/loss", loss, batch_size=bs, sync_dist=True)
-
-    @override
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Runs after the callbacks' hook of the same name. In the warm-up and fine-tune phases
-        # the masks' gradients are discarded so the optimizer leaves them untouched.
-        if self.masks and not self.masks_learning:
-            drop_mask_grads(self.masks)
 
     def _global_batch_size(self) -> int:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -393,7 +394,6 @@ class SCLModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        masks = self.masks
         params = [p for p in self.parameters() if p.requires_grad]
         if self._optimizer_factory is not None:
             try:
@@ -404,12 +404,12 @@ class SCLModule(pl.LightningModule):
             optimizer = torch.optim.SGD(
                 params, lr=0.05, momentum=0.9, weight_decay=5e-4, fused=_fusable(params) or None
             )
-        mask_lr = self.mask_lr
+        self._engine.lr_scale = 1.0
         if self.lr_reference_batch_size is not None:
             factor = self._global_batch_size() / self.lr_reference_batch_size
             for group in optimizer.param_groups:
                 group["lr"] *= factor
-            mask_lr *= factor
+            self._engine.lr_scale = factor  # the engine's mask group gets mask_lr * factor
         scheduler: Any = None
         config: dict[str, Any] = {}
         if self._scheduler_factory is not None:
@@ -427,34 +427,6 @@ class SCLModule(pl.LightningModule):
                     "SCLModule: the run length is unknown (no max_steps/max_epochs), so the "
                     "default cosine schedule is off; pass lr_scheduler or set a limit"
                 )
-        if masks:
-            # The masks join a group of their own after the scheduler is built, exactly as the
-            # drop-in callback does it, so the schedule treats them the same way in both: the
-            # mask group follows the weights' schedule relative to ``mask_lr``.
-            attach_mask_group(optimizer, masks, mask_lr, [scheduler] if scheduler else [])
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **config}}
-
-    @override
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        # Clip the weights only: normalized mask gradients have RMS 1 per feature, so in one
-        # norm with the weights they would dominate it and shrink the weights' gradients.
-        if not gradient_clip_val:
-            return
-        params = [
-            p
-            for g in optimizer.param_groups
-            if not g.get(MASK_GROUP_KEY)
-            for p in g["params"]
-            if p.grad is not None
-        ]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)

@@ -7,14 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from _helpers import quiet_trainer
 from scl_lightning import SCLModule, global_sparsity, masked_modules, sparsify
 from scl_lightning.callbacks import MaskGradientNormalization, SparseConnectivityLearning
+from scl_lightning.callbacks.mask_group import MASK_GROUP_KEY
 from scl_lightning.data import DigitsDataModule
-from scl_lightning.training import MASK_GROUP_KEY
 
 WEIGHT_LR = 0.05
 
@@ -493,3 +494,37 @@ def test_progress_bar_shows_lam(tmp_path):
     trainer.fit(PlainMLP(scheduler=False), train_dataloaders=_digits_loader())
     assert trainer.progress_bar_metrics["lam"] == pytest.approx(4e-5)
     assert "lam" not in trainer.logged_metrics
+
+
+def test_named_parameter_groups_with_learning_rate_monitor(tmp_path):
+    """A mask group that copied the user's group name made LearningRateMonitor raise
+    "duplicated parameter group names"; it is named ``<name>/masks`` and its lr is shown."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    class Named(PlainMLP):
+        def configure_optimizers(self):
+            return torch.optim.SGD(
+                [{"params": self.parameters(), "name": "net"}], lr=WEIGHT_LR, momentum=0.9
+            )
+
+    monitor = LearningRateMonitor()
+    trainer = _trainer(
+        tmp_path,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        callbacks=[SparseConnectivityLearning(lam=1e-3, mask_lr=0.02), monitor],
+    )
+    trainer.fit(Named(scheduler=False), _digits_loader())
+    groups = trainer.optimizers[0].param_groups
+    assert [g["name"] for g in groups] == ["net", "net/masks"]
+    assert trainer.callback_metrics["lr-SGD/net/masks"] == pytest.approx(0.02)
+    assert trainer.callback_metrics["lr-SGD/net"] == pytest.approx(WEIGHT_LR)
+
+
+def test_unnamed_groups_stay_unnamed():
+    from scl_lightning.callbacks.mask_group import attach_mask_group
+
+    net = sparsify(nn.Linear(3, 2))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    group = attach_mask_group(optimizer, [net.mask], 0.01)
+    assert "name" not in group

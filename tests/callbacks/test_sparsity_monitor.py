@@ -7,11 +7,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-import scl_lightning.callbacks.sparsity_monitor as sparsity_monitor_module
+import scl_lightning.nn.flops as flops_module
 from _helpers import TinyClassifier, quiet_trainer
 from scl_lightning import sparsify
 from scl_lightning.callbacks import SparsityMonitor
-from scl_lightning.flops import count_flops
+from scl_lightning.nn.flops import count_flops
 
 # 64 -> 16 -> 10: fvcore counts one multiply-add per weight and sample
 DENSE = {"net.1": 64 * 16, "net.3": 16 * 10}
@@ -57,7 +57,7 @@ def flop_calls(monkeypatch):
         calls.append(example_input)
         return count_flops(model, example_input)
 
-    monkeypatch.setattr(sparsity_monitor_module, "count_flops", counting)
+    monkeypatch.setattr(flops_module, "count_flops", counting)
     return calls
 
 
@@ -196,6 +196,42 @@ def test_traces_the_example_input_array(tmp_path, flop_calls):
     assert torch.equal(flop_calls[0], model.example_input_array)
 
 
+def test_a_batch_as_example_input_array_gives_one_samples_flops(tmp_path, flop_calls):
+    """flops/dense is one sample's forward pass, even when example_input_array is a batch (it
+    was the batch's: 8 x 1184)."""
+    model = _pruned_model()
+    model.example_input_array = torch.full((8, 1, 8, 8), 2.0)
+    trainer = _trainer(tmp_path, callbacks=[SparsityMonitor(log_every_n_steps=1)])
+    trainer.fit(model)
+    assert [tuple(x.shape) for x in flop_calls] == [(1, 1, 8, 8)]
+    assert _metrics(trainer)["flops/dense"] == EXPECTED["flops/dense"]
+
+
+def test_two_monitors_share_one_trace(tmp_path, flop_calls):
+    """Dense FLOPs depend on the architecture and input shape only: one fvcore trace per model
+    and shape, whoever asks."""
+    model = _pruned_model()
+    model.example_input_array = torch.zeros(1, 1, 8, 8)
+    first = flops_module.flop_counts(model, torch.ones(4, 1, 8, 8))  # say, the run summary
+    monitor = SparsityMonitor(log_every_n_steps=1)
+    _trainer(tmp_path, callbacks=[monitor]).fit(model)
+    assert len(flop_calls) == 1
+    assert monitor.flop_counts is first
+
+
+def test_global_sparsity_is_over_the_masked_layers(tmp_path):
+    model = TinyClassifier(lr=0.0, samples=80)
+    sparsify(model.net, exclude=["3"])
+    with torch.no_grad():
+        model.net[1].mask[:4] = -1.0  # 256 of the 1,024 masked connections
+    trainer = _trainer(tmp_path, callbacks=[SparsityMonitor(log_every_n_steps=1, flops=False)])
+    trainer.fit(model)
+    metrics = _metrics(trainer)
+    assert metrics["sparsity/global"] == pytest.approx(0.25)
+    assert metrics["sparsity/global_including_dense"] == pytest.approx(256 / 1184)
+    assert metrics["sparsity/net.3"] == 0.0
+
+
 def test_flops_false(tmp_path, flop_calls):
     trainer = _trainer(tmp_path, callbacks=[SparsityMonitor(log_every_n_steps=1, flops=False)])
     trainer.fit(_pruned_model())
@@ -229,7 +265,7 @@ def test_tracing_failure_only_warns(tmp_path, monkeypatch):
         calls.append(1)
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(sparsity_monitor_module, "count_flops", broken)
+    monkeypatch.setattr(flops_module, "count_flops", broken)
     trainer = _trainer(tmp_path, max_epochs=2, callbacks=[SparsityMonitor(log_every_n_steps=1)])
     with pytest.warns(UserWarning, match=r"FLOPs tracing failed \(RuntimeError: boom\)"):
         trainer.fit(_pruned_model())

@@ -550,8 +550,10 @@ def test_use_torchvision_true_without_torchvision(tree, no_torchvision):
 
 def test_use_torchvision_false_never_imports_it(tree, monkeypatch):
     imagenet_mod._torchvision_import_error.cache_clear()
-    monkeypatch.setattr(
-        imagenet_mod, "_torchvision_import_error", lambda: pytest.fail("torchvision probed")
+    monkeypatch.setattr(  # where ImageNetDataModule looks it up
+        imagenet_mod.datamodule,
+        "_torchvision_import_error",
+        lambda: pytest.fail("torchvision probed"),
     )
     dm = _dm(tree, use_torchvision=False)
     dm.setup("fit")

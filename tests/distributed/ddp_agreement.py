@@ -18,8 +18,8 @@ import torch
 
 from scl_lightning import SCLModule
 from scl_lightning.callbacks import MaskGradientNormalization
-from scl_lightning.callbacks.rank_agreement import RankAgreementCheck, RankDivergenceError
 from scl_lightning.data import DigitsDataModule
+from scl_lightning.experiment.rank_agreement import RankAgreementCheck, RankDivergenceError
 
 PERTURB_STEP = 2
 

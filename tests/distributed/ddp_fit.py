@@ -16,8 +16,9 @@ import lightning.pytorch as pl
 import torch
 
 from scl_lightning import SCLModule
-from scl_lightning.callbacks import MaskGradientNormalization, RunSummary, SparsityMonitor
+from scl_lightning.callbacks import MaskGradientNormalization, SparsityMonitor
 from scl_lightning.data import DigitsDataModule
+from scl_lightning.experiment import RunSummary
 
 
 class Recorder(pl.Callback):

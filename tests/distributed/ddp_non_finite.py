@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from scl_lightning.callbacks.non_finite import NonFiniteError, StopOnNonFinite
+from scl_lightning.experiment.non_finite import NonFiniteError, StopOnNonFinite
 
 NAN_STEP = 2
 

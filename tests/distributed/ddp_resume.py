@@ -19,9 +19,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from scl_lightning import SCLModule
-from scl_lightning.callbacks import ExactResume, MaskGradientNormalization
-from scl_lightning.checkpoint import SafeCheckpointIO
+from scl_lightning.callbacks import MaskGradientNormalization
 from scl_lightning.data import DigitsDataModule
+from scl_lightning.experiment import ExactResume, SafeCheckpointIO
 
 STOP_STEP = 7
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _helpers import launch_ddp
-from scl_lightning.checkpoint import load_checkpoint
+from scl_lightning.experiment.checkpoint import load_checkpoint
 
 SCRIPT = Path(__file__).with_name("ddp_resume.py")
 

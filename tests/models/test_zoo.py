@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 import scl_lightning as scl
-from scl_lightning.flops import count_flops
 from scl_lightning.models import (
     CifarResNet,
     CifarVGG,
@@ -23,6 +22,7 @@ from scl_lightning.models import (
 from scl_lightning.models import external as external_module
 from scl_lightning.models.resnet_cifar import ZeroPadShortcut
 from scl_lightning.models.resnet_imagenet import Bottleneck
+from scl_lightning.nn.flops import count_flops
 
 CIFAR = (3, 32, 32)
 MNIST = (1, 28, 28)

@@ -104,18 +104,20 @@ def test_connection_count_mixed_stes_in_one_model():
 def test_connection_count_float64_and_bfloat16_masks():
     model = _net()
     _prune(model)
-    for dtype in (torch.float64, torch.bfloat16):
+    for dtype, mask_dtype in ((torch.float64, torch.float64), (torch.bfloat16, torch.float64)):
         m = model.to(dtype)
+        assert m[3].mask.dtype == mask_dtype  # masks never drop below float32
         c = connection_count(m)
         assert c.dtype == torch.float32
         assert c.item() == 34
         c.backward()
-        assert m[3].mask.grad.dtype == dtype
+        assert m[3].mask.grad.dtype == mask_dtype
         m.zero_grad()
 
 
 def test_connection_count_exact_above_half_precision_range():
     layer = MaskedLinear(100, 41, bias=False, dtype=torch.bfloat16)  # 4100 > 2**8 precision
+    layer.mask.data = layer.mask.data.bfloat16()  # masks are made float32: force bfloat16
     with torch.no_grad():
         layer.mask.view(-1)[:3] = -1.0
     assert connection_count(nn.Sequential(layer)).item() == 4097
@@ -214,21 +216,33 @@ def _ops(fn):
     return {e.key for e in prof.key_averages()}
 
 
-def test_connection_count_after_forward_reuses_its_comparison():
+def test_forward_count_reuses_the_forward_pass_comparison():
+    """``MaskedLayer.forward_count`` (what the SCL engine logs as ``C`` next to the loss) sums
+    the forward pass's H(m) instead of comparing the mask again, once."""
     model = _net()
     expected = _prune(model)
+    layers = [layer for _, layer in masked_modules(model)]
     out = model(torch.randn(2, 1, 4, 4))  # its graph holds H(m) until the backward pass
-    ops = _ops(lambda: connection_count(model))
+    ops = _ops(lambda: [layer.forward_count() for layer in layers])
     assert "aten::gt" not in ops, "the count compared the masks again"
-    # the reuse is once: a second count compares again, and gives the same value
-    assert "aten::gt" in _ops(lambda: connection_count(model))
+    assert "aten::gt" in _ops(lambda: [layer.forward_count() for layer in layers])
     out = model(torch.randn(2, 1, 4, 4))
-    assert connection_count(model).item() == sum(expected.values())
-    # once the graph is gone (no backward pass to come), nothing is kept for the count
-    out = model(torch.randn(2, 1, 4, 4))
+    assert sum(int(layer.forward_count()) for layer in layers) == sum(expected.values())
     del out
-    assert "aten::gt" in _ops(lambda: connection_count(model))
-    assert connection_count(model).item() == sum(expected.values())
+
+
+def test_forward_count_is_the_forward_pass_count_and_connection_count_the_current_one():
+    model = _net()
+    _prune(model)
+    layer = model[5]
+    out = model(torch.randn(2, 1, 4, 4))
+    layer.mask.data.fill_(1.0)  # a write that no version counter sees
+    # connection_count counts the masks as they are now (it returned the forward's stale
+    # count after a write through .data before)
+    assert connection_count(model).item() == 13 + 20 + 15
+    # forward_count is, by definition, the count the forward pass used
+    assert int(layer.forward_count()) == 1
+    assert out.requires_grad
 
 
 @pytest.mark.parametrize("change", ["in_place", "new_parameter"])

@@ -1,28 +1,35 @@
-"""Callbacks usable with any LightningModule whose network has masked layers."""
+"""The method in Lightning, usable with any LightningModule whose network has masked layers.
 
-from scl_lightning.callbacks.exact_resume import ExactResume
+The experiment tooling that used to live here (``ExactResume``, ``StopOnNonFinite``,
+``RankAgreementCheck``, ``RunSummary``, ``WandbArtifacts``...) is in
+:mod:`scl_lightning.experiment`; the old names still resolve, with a ``DeprecationWarning``,
+until 0.3.
+"""
+
+from scl_lightning._deprecation import deprecated_names
 from scl_lightning.callbacks.mask_grad_norm import MaskGradientNormalization
-from scl_lightning.callbacks.non_finite import NonFiniteError, StopOnNonFinite
-from scl_lightning.callbacks.rank_agreement import (
-    RankAgreementCheck,
-    RankDivergenceError,
-    parameter_fingerprints,
-)
-from scl_lightning.callbacks.run_summary import RunSummary
 from scl_lightning.callbacks.sparse_connectivity_learning import SparseConnectivityLearning
 from scl_lightning.callbacks.sparsity_monitor import SparsityMonitor
-from scl_lightning.callbacks.wandb_artifacts import WandbArtifacts
 
 __all__ = [
-    "ExactResume",
     "MaskGradientNormalization",
-    "NonFiniteError",
-    "RankAgreementCheck",
-    "RankDivergenceError",
-    "RunSummary",
     "SparseConnectivityLearning",
     "SparsityMonitor",
-    "StopOnNonFinite",
-    "WandbArtifacts",
-    "parameter_fingerprints",
 ]
+
+__getattr__ = deprecated_names(
+    "scl_lightning.callbacks",
+    dict.fromkeys(
+        (
+            "ExactResume",
+            "NonFiniteError",
+            "RankAgreementCheck",
+            "RankDivergenceError",
+            "RunSummary",
+            "StopOnNonFinite",
+            "WandbArtifacts",
+            "parameter_fingerprints",
+        ),
+        "scl_lightning.experiment",
+    ),
+)

@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from scl_lightning.callbacks._precision import unscale_gradients
 from scl_lightning.nn.masked import MaskedLayer
 from scl_lightning.nn.normalize import normalize_per_feature, validate_norm_mode
 from scl_lightning.nn.sparsify import masked_modules
@@ -23,8 +24,16 @@ class MaskGradientNormalization(Callback):
     makes one mask learning rate mean the same step size everywhere. It runs in
     ``on_before_optimizer_step``, so it sees the gradient as it stands after backward (task and
     penalty together), accumulated over ``accumulate_grad_batches``, unscaled by AMP and reduced
-    by DDP, and before gradient clipping and the optimizer step. Works with any LightningModule
-    whose network has masked layers (see :func:`scl_lightning.sparsify`).
+    by DDP, and before gradient clipping and the optimizer step. Under ``16-mixed`` it first
+    has the ``GradScaler`` unscale the optimizer when Lightning has not (fused optimizers unscale
+    inside ``step()``; normalizing scaled gradients that the step then divides by the scale
+    would leave the masks still). Works with any LightningModule whose network has masked
+    layers (see :func:`scl_lightning.sparsify`), for a penalty written in the module's own loss.
+
+    With the SCL engine (:class:`SparseConnectivityLearning`, which
+    :class:`~scl_lightning.SCLModule` brings) in the same Trainer, this callback stands down for
+    the fit and the engine normalizes with its ``mode`` and ``eps``, after adding the penalty's
+    gradient: one normalization, in the right order, whatever the order of the callbacks.
 
     Args:
         mode: ``"rms"`` (default: sqrt of the mean square), ``"l2"``, ``"max"`` (max abs), or
@@ -46,6 +55,7 @@ class MaskGradientNormalization(Callback):
             raise ValueError(f"eps must be a number >= 0, got {eps!r}")
         self.eps = float(eps)
         self._layers: list[MaskedLayer] | None = None
+        self._owner: object | None = None  # the SCL engine that runs the normalization
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -65,8 +75,9 @@ class MaskGradientNormalization(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.mode == "none":
+        if self.mode == "none" or self._owner is not None:
             return
+        unscale_gradients(trainer, optimizer)
         if self._layers is None:
             self._layers = [layer for _, layer in masked_modules(pl_module)]
         for layer in self._layers:

@@ -1,4 +1,11 @@
-"""SparseConnectivityLearning: SCL for someone else's LightningModule, with no edit to it."""
+"""SparseConnectivityLearning: THE SCL engine, for any LightningModule (``SCLModule`` included).
+
+Everything the method does during training lives here, once: the mask parameter group, the
+penalty ``lam * C`` and its gradient, per-feature normalization, the warm-up and freeze phases,
+the exclusion of masks from gradient clipping, the collapse guard, lambda's display and the
+sparsity/FLOPs logs. :class:`~scl_lightning.SCLModule` is a classifier that brings this same
+callback through ``configure_callbacks``, so the two faces of SCL cannot drift apart.
+"""
 
 from __future__ import annotations
 
@@ -10,52 +17,84 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import nn
+from torch import Tensor, nn
 from typing_extensions import override
 
+from scl_lightning._utils import is_int, validate_positive
+from scl_lightning.callbacks._precision import unscale_gradients
+from scl_lightning.callbacks.mask_grad_norm import MaskGradientNormalization
+from scl_lightning.callbacks.mask_group import (
+    MASK_GROUP_KEY,
+    attach_mask_group,
+    drop_mask_grads,
+)
 from scl_lightning.callbacks.sparsity_monitor import SparsityMonitor
+from scl_lightning.nn.collapse import LayerCollapseGuard
 from scl_lightning.nn.masked import MaskedLayer, validate_mask_init
 from scl_lightning.nn.normalize import normalize_per_feature, validate_norm_mode
 from scl_lightning.nn.sparsify import maskable_modules, masked_modules, sparsify
 from scl_lightning.nn.ste import get_ste
-from scl_lightning.training import (
-    MASK_GROUP_KEY,
-    LayerCollapseGuard,
-    attach_mask_group,
-    drop_mask_grads,
-    masks_trainable,
-    validate_phases,
-    validate_positive,
-)
 
-__all__ = ["SparseConnectivityLearning"]
+__all__ = ["SparseConnectivityLearning", "masks_trainable", "validate_phases"]
+
+
+def validate_phases(warmup_epochs: int, freeze_masks_epoch: int | None) -> None:
+    """Check the dense warm-up length and the epoch from which masks are frozen."""
+    if not is_int(warmup_epochs) or warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
+    if freeze_masks_epoch is not None:
+        if not is_int(freeze_masks_epoch):
+            raise ValueError(
+                f"freeze_masks_epoch must be an integer or None, got {freeze_masks_epoch!r}"
+            )
+        if freeze_masks_epoch <= warmup_epochs:
+            raise ValueError(
+                f"freeze_masks_epoch ({freeze_masks_epoch}) must be greater than warmup_epochs "
+                f"({warmup_epochs}), or masks would never be trained"
+            )
+
+
+def masks_trainable(
+    epoch: int, warmup_epochs: int = 0, freeze_masks_epoch: int | None = None
+) -> bool:
+    """Whether masks learn in ``epoch``: after the dense warm-up, before the fine-tune phase."""
+    return epoch >= warmup_epochs and (freeze_masks_epoch is None or epoch < freeze_masks_epoch)
 
 
 class SparseConnectivityLearning(Callback):
-    """Drop-in Sparse Connectivity Learning for any LightningModule.
+    """Sparse Connectivity Learning for any LightningModule: the one SCL engine.
 
-    Added to the Trainer, it
+    Added to the Trainer (or brought by a module's ``configure_callbacks``, as
+    :class:`~scl_lightning.SCLModule` does), it
 
     1. sparsifies the module's network in ``setup`` (before the optimizer is built, so a
-       checkpoint with masks loads and resumes),
-    2. moves the masks into their own optimizer parameter group (``mask_lr``, no weight decay;
-       the module's schedulers schedule it like the group it came from) in ``on_fit_start``,
-    3. before each optimizer step, adds the gradient of ``lam * C`` to the mask gradients
-       (``C`` = number of active connections, differentiated through the estimator, or ``C / N``
-       with ``penalty="density"``) and normalizes them per feature, and
-    4. logs sparsity and FLOPs like :class:`SparsityMonitor`.
+       checkpoint with masks loads and resumes) unless it has masked layers already,
+    2. moves the masks into their own optimizer parameter group (``mask_lr``, no weight decay,
+       named ``<group name>/masks`` when the groups are named; the module's schedulers schedule
+       it like the group it came from) in ``on_fit_start``,
+    3. before each optimizer step, on true (unscaled) gradients whatever the precision plugin
+       and optimizer (fused ones under ``16-mixed`` included), adds the gradient of
+       ``lam * C`` to the mask gradients (``C`` = number of active connections, differentiated
+       through each layer's estimator, or ``C / N`` with ``penalty="density"``) and normalizes
+       them per feature, and
+    4. logs sparsity and FLOPs with a :class:`SparsityMonitor` (unless the Trainer has one of
+       its own), guards layers against collapse and shows ``lam`` in the progress bar.
 
     The penalty is added to the gradient once per optimizer step, so it is the same with or
-    without gradient accumulation; the module's own loss and logs are untouched. With several
+    without gradient accumulation; the module's own loss and logs are untouched (SCLModule
+    logs the objective's value, ``task + lam * C``, with :meth:`penalty_value`). With several
     optimizers (a GAN, say) each keeps its own masks in its own mask group. Gradient clipping
     (``Trainer(gradient_clip_val=...)``) applies to the weights only: normalized mask gradients
-    would otherwise dominate the clipping norm. Sharded strategies that flatten parameters
-    (FSDP, DeepSpeed) are not supported.
+    would otherwise dominate the clipping norm. A :class:`MaskGradientNormalization` callback
+    in the Trainer is taken over: its ``mode`` and ``eps`` replace ``normalize``, and it runs
+    here, after the penalty is added, not on its own. Masks stay float32 under ``bf16-true`` and
+    ``16-true`` (see :class:`~scl_lightning.nn.MaskedLinear`). Sharded strategies that flatten
+    parameters (FSDP, DeepSpeed) are not supported.
 
     Args:
         lam: weight of the connection penalty, ``>= 0``.
         penalty: ``"count"`` or ``"density"``.
-        ste: straight-through estimator name.
+        ste: straight-through estimator name (for layers this callback masks).
         ste_kwargs: its hyper-parameters.
         mask_init: initial mask value, ``> 0``.
         exclude: module-name patterns (relative to ``target``) to leave dense.
@@ -69,6 +108,9 @@ class SparseConnectivityLearning(Callback):
         flops: trace and log FLOPs.
         min_connections_per_layer: keep at least this many active connections in every layer;
             ``0`` only warns, once per layer, when a layer loses them all.
+        sparsify: mask the network in ``setup`` when it has no masked layer; ``False`` trains
+            the masked layers it has, and a network without any dense (a baseline with the same
+            logs).
 
     Raises:
         ValueError: for an invalid argument; in ``setup`` if ``target`` is not a submodule.
@@ -96,6 +138,7 @@ class SparseConnectivityLearning(Callback):
         log_every_n_steps: int | None = None,
         flops: bool = True,
         min_connections_per_layer: int = 0,
+        sparsify: bool = True,
     ) -> None:
         self.lam = validate_positive("lam", lam, allow_zero=True)
         self.mask_lr = validate_positive("mask_lr", mask_lr)
@@ -117,12 +160,54 @@ class SparseConnectivityLearning(Callback):
         self.target = target
         self.normalize = validate_norm_mode(normalize)
         self.eps = 1e-12
+        self.sparsify = bool(sparsify)
+        #: multiplies ``mask_lr`` when the mask group is built (SCLModule's linear scaling rule)
+        self.lr_scale = 1.0
         self.monitor = SparsityMonitor(log_every_n_steps=log_every_n_steps, flops=flops)
         self._collapse = LayerCollapseGuard(min_connections_per_layer)
+        self._monitoring = True
         self._lam_shown = False
         self._layers: dict[int, MaskedLayer] = {}  # id(mask) -> layer, in module order
         self._total = 0
         self._wrapped: pl.LightningModule | None = None
+        self._adopted: list[MaskGradientNormalization] = []
+
+    # -- the method, as plain functions of the state ----------------------------------------
+
+    @property
+    def min_connections_per_layer(self) -> int:
+        return self._collapse.min_connections
+
+    def masks_learning(self, epoch: int) -> bool:
+        """Whether masks learn in ``epoch`` (the warm-up and freeze phases)."""
+        return masks_trainable(epoch, self.warmup_epochs, self.freeze_masks_epoch)
+
+    @property
+    def total_connections(self) -> int:
+        """Connections of the masked layers (``N`` of ``penalty="density"``); 0 before setup."""
+        return self._total
+
+    @torch.no_grad()
+    def penalty_value(self, network: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """``(C, lam * C)`` (or ``lam * C / N`` with ``penalty="density"``) for the latest
+        forward pass, detached: ``C`` counts the connections that pass used
+        (:meth:`~scl_lightning.nn.MaskedLayer.forward_count`), at no extra pass over the masks.
+        The penalty's gradient is not taken from this value but added by the engine before the
+        optimizer step. ``network`` defaults to the layers found in ``setup``."""
+        layers = (
+            [layer for _, layer in masked_modules(network)]
+            if network is not None
+            else list(self._layers.values())
+        )
+        if not layers:
+            zero = torch.zeros(())
+            return zero, zero
+        counts = [layer.forward_count() for layer in layers]
+        dtype = torch.float64 if any(c.dtype == torch.float64 for c in counts) else torch.float32
+        count = torch.stack([c.to(dtype) for c in counts]).sum()
+        total = sum(layer.mask.numel() for layer in layers)
+        term = self.lam * (count / total if self.penalty == "density" else count)
+        return count, term
 
     def _network(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.target is None:
@@ -135,6 +220,8 @@ class SparseConnectivityLearning(Callback):
             )
         return net
 
+    # -- set-up ------------------------------------------------------------------------------
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         candidate = pl_module if self.target is None else getattr(pl_module, self.target, None)
@@ -144,20 +231,49 @@ class SparseConnectivityLearning(Callback):
             # this hook; its contract is that the hook is idempotent, so build them now.
             pl_module.configure_model()
         net = self._network(pl_module)
-        if not any(True for _ in masked_modules(net)):
+        if self.sparsify and not any(True for _ in masked_modules(net)):
             sparsify(net, exclude=self.exclude, mask_init=self.mask_init, ste=self.ste)
-        self._layers = {id(layer.mask): layer for _, layer in masked_modules(net)}
+        self.collect_layers(net)
+
+    def collect_layers(self, network: nn.Module) -> None:
+        """Train the masked layers of ``network`` (``setup`` calls it on the target)."""
+        self._layers = {id(layer.mask): layer for _, layer in masked_modules(network)}
         self._total = sum(layer.mask.numel() for layer in self._layers.values())
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the network has masked layers to train."""
+        return bool(self._layers)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning stands in an optimizer with no parameter groups when
         # configure_optimizers returns None
         optimizers = [o for o in trainer.optimizers if o.param_groups]
-        if not optimizers:
+        if self._layers and not optimizers:
             raise ValueError(
                 "SparseConnectivityLearning needs the module to configure an optimizer"
             )
+        if self._layers:
+            self._attach_mask_groups(trainer, optimizers)
+            self._wrap_gradient_clipping(pl_module)
+        # one normalization, after the penalty: a MaskGradientNormalization callback in the
+        # Trainer gives its settings and stands down for this fit
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, MaskGradientNormalization) and callback._owner is None:
+                callback._owner = self
+                self._adopted.append(callback)
+        # a SparsityMonitor of the user's own logs instead of ours
+        self._monitoring = not any(
+            isinstance(c, SparsityMonitor) and c is not self.monitor
+            for c in trainer.callbacks  # type: ignore[attr-defined]
+        )
+        if self._monitoring:
+            self.monitor.on_fit_start(trainer, pl_module)
+
+    def _attach_mask_groups(
+        self, trainer: pl.Trainer, optimizers: list[torch.optim.Optimizer]
+    ) -> None:
         # Each mask joins a mask group in the optimizer that already holds it (a GAN's
         # generator and discriminator keep their own masks); masks no optimizer holds go to the
         # first one.
@@ -187,9 +303,7 @@ class SparseConnectivityLearning(Callback):
                 for c in trainer.lr_scheduler_configs
                 if getattr(c.scheduler, "optimizer", None) is opt
             ]
-            attach_mask_group(opt, masks, self.mask_lr, schedulers)
-        self._wrap_gradient_clipping(pl_module)
-        self.monitor.on_fit_start(trainer, pl_module)
+            attach_mask_group(opt, masks, self.mask_lr * self.lr_scale, schedulers)
 
     def _wrap_gradient_clipping(self, pl_module: pl.LightningModule) -> None:
         """Leave the masks out of the module's gradient clipping.
@@ -229,6 +343,17 @@ class SparseConnectivityLearning(Callback):
         self._wrapped = pl_module
 
     @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._wrapped is not None:
+            vars(self._wrapped).pop("configure_gradient_clipping", None)
+            self._wrapped = None
+        for callback in self._adopted:
+            callback._owner = None
+        self._adopted = []
+
+    # -- every step --------------------------------------------------------------------------
+
+    @override
     @torch.no_grad()
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -236,33 +361,31 @@ class SparseConnectivityLearning(Callback):
         masks = [p for g in optimizer.param_groups if g.get(MASK_GROUP_KEY) for p in g["params"]]
         if not masks:
             return
-        if not masks_trainable(trainer.current_epoch, self.warmup_epochs, self.freeze_masks_epoch):
+        if not self.masks_learning(trainer.current_epoch):
             drop_mask_grads(masks)
             return
+        unscale_gradients(trainer, optimizer)
         scale = self.lam / self._total if self.penalty == "density" else self.lam
+        if self._adopted:
+            mode, eps = self._adopted[0].mode, self._adopted[0].eps
+        else:
+            mode, eps = self.normalize, self.eps
         for mask in masks:
             if scale > 0:
+                if mask.grad is None:
+                    mask.grad = torch.zeros_like(mask)
                 # the layer's own estimator, as in its forward pass: a network sparsified
                 # before this callback keeps the estimator it was given
-                penalty = self._layers[id(mask)].ste.proxy(mask).mul_(scale)
-                if mask.grad is None:
-                    mask.grad = penalty
-                else:
-                    mask.grad.add_(penalty)
-            if mask.grad is not None:
-                normalize_per_feature(mask.grad, self.normalize, self.eps, inplace=True)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._wrapped is not None:
-            vars(self._wrapped).pop("configure_gradient_clipping", None)
-            self._wrapped = None
+                self._layers[id(mask)].ste.add_proxy_(mask.grad, mask, scale)
+            if mask.grad is not None and mode != "none":
+                normalize_per_feature(mask.grad, mode, eps, inplace=True)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self.monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self._monitoring:
+            self.monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @override
     def on_train_batch_end(
@@ -273,9 +396,13 @@ class SparseConnectivityLearning(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self.monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._monitoring:
+            self.monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self._layers:
+            return
+        # the floor is enforced after every step; collapse alone is looked for at log steps
         every = max(1, int(trainer.log_every_n_steps))  # type: ignore[attr-defined]
-        if masks_trainable(trainer.current_epoch, self.warmup_epochs, self.freeze_masks_epoch) and (
+        if self.masks_learning(trainer.current_epoch) and (
             self._collapse.min_connections or trainer.global_step % every == 0
         ):
             self._collapse.check(self._network(pl_module), warn=trainer.is_global_zero)
@@ -293,7 +420,8 @@ class SparseConnectivityLearning(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.monitor.on_train_epoch_end(trainer, pl_module)
+        if self._monitoring:
+            self.monitor.on_train_epoch_end(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -10,8 +10,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from scl_lightning.flops import FlopCounts, count_flops, example_from_batch, maskable_connectivity
-from scl_lightning.loggers import active_wandb_loggers, logs_this_step
+from scl_lightning.callbacks._logging import active_wandb_loggers, logs_this_step
+from scl_lightning.nn.flops import FlopCounts, example_from_batch, flop_counts
+from scl_lightning.nn.stats import connectivity
 
 __all__ = ["SparsityMonitor"]
 
@@ -34,6 +35,15 @@ def _epoch_end_step(trainer: pl.Trainer) -> int:
     return max(int(stepped) - 1, 0)
 
 
+def _like_parameters(example: Tensor, module: pl.LightningModule) -> Tensor:
+    """``example`` on the module's device, and in its floating dtype when both are floating
+    (under ``bf16-true``/``64-true`` the module is converted; an example input is not)."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is not None and example.is_floating_point():
+        return example.to(module.device, dtype)
+    return example.to(module.device)
+
+
 class SparsityMonitor(Callback):
     """Log global and layerwise sparsity, and dense and effective FLOPs, during training.
 
@@ -43,7 +53,10 @@ class SparsityMonitor(Callback):
     shows ``sparsity/global``), and at each training epoch end through ``pl_module.log``, so the
     epoch values are also in ``trainer.callback_metrics`` for checkpointing and early stopping:
 
-    * ``sparsity/global`` (also in the progress bar) and ``sparsity/<layer>`` for each layer;
+    * ``sparsity/global`` (also in the progress bar): the fraction of the masked layers'
+      connections that are pruned (:class:`~scl_lightning.nn.Connectivity`), and, when some
+      maskable layers are left dense, ``sparsity/global_including_dense`` over all of them;
+    * ``sparsity/<layer>`` for each maskable layer;
     * ``flops/dense`` and ``flops/effective`` (one sample's forward pass; one multiply-add counts
       as one FLOP, as fvcore counts), ``flops/ratio`` (effective / dense), and
       ``flops/effective/<layer>`` with ``log_layers``.
@@ -53,8 +66,9 @@ class SparsityMonitor(Callback):
     layer's dense count by its active fraction. Layers that are not masked count as fully active,
     so the monitor also works on dense baselines. Works with any LightningModule.
 
-    With a W&B logger (Lightning's ``WandbLogger`` or :class:`scl_lightning.loggers.WandbLogger`)
-    among the Trainer's loggers, each training epoch end also logs, on rank zero, at the
+    With a W&B logger (Lightning's ``WandbLogger`` or
+    :class:`scl_lightning.experiment.loggers.WandbLogger`) among the Trainer's loggers, each
+    training epoch end also logs, on rank zero, at the
     ``trainer/global_step`` of that epoch's end metrics:
 
     * ``sparsity/layers``: a ``wandb.Table`` with one row per layer and the columns of
@@ -71,7 +85,7 @@ class SparsityMonitor(Callback):
             rounded up to the next multiple (with a warning) rather than logged stale.
         log_layers: also log one scalar per layer.
         flops: trace and log FLOPs.
-        example_input: one input sample batch (batch size 1) for tracing.
+        example_input: an input batch for tracing (its first sample is traced).
         wandb_table: log the W&B per-layer table and bar chart when a W&B logger is present.
 
     Raises:
@@ -113,17 +127,17 @@ class SparsityMonitor(Callback):
 
     def compute(self, pl_module: pl.LightningModule) -> dict[str, float]:
         """The metrics this callback logs, for the module's current masks."""
-        conn = maskable_connectivity(pl_module)
-        if not conn:
+        conn = connectivity(pl_module)
+        if not conn.layers:
             return {}
-        active = sum(a for a, _ in conn.values())
-        total = sum(t for _, t in conn.values())
-        metrics: dict[str, float] = {"sparsity/global": 1.0 - active / total}
+        metrics: dict[str, float] = {"sparsity/global": conn.sparsity}
+        if conn.total != conn.total_including_dense:
+            # some layers are left dense: the whole network's figure, under its own name
+            metrics["sparsity/global_including_dense"] = conn.sparsity_including_dense
         if self.log_layers:
-            metrics.update({f"sparsity/{n}": 1.0 - a / t for n, (a, t) in conn.items()})
+            metrics.update({f"sparsity/{c.name}": c.sparsity for c in conn.layers})
         if self.flop_counts is not None:
-            fraction = {n: a / t for n, (a, t) in conn.items()}
-            eff_total, eff_layers = self.flop_counts.effective(fraction)
+            eff_total, eff_layers = self.flop_counts.effective(conn.densities())
             metrics["flops/dense"] = float(self.flop_counts.total)
             metrics["flops/effective"] = float(eff_total)
             metrics["flops/ratio"] = eff_total / max(self.flop_counts.total, 1)
@@ -136,26 +150,23 @@ class SparsityMonitor(Callback):
         name, weight ``shape`` (e.g. ``"300x64"``), ``connections`` (weights), ``active``
         (unmasked weights), ``sparsity``, and one sample's ``dense_flops`` and
         ``effective_flops`` (``None`` until FLOPs are traced, or with ``flops=False``)."""
-        conn = maskable_connectivity(pl_module)
+        conn = connectivity(pl_module)
         counts = self.flop_counts
         effective: dict[str, float] = {}
         if counts is not None:
-            _, effective = counts.effective({n: a / t for n, (a, t) in conn.items()})
-        rows = []
-        for name, (active, total) in conn.items():
-            weight = cast(Tensor, pl_module.get_submodule(name).weight)
-            rows.append(
-                {
-                    "layer": name,
-                    "shape": "x".join(str(s) for s in weight.shape),
-                    "connections": total,
-                    "active": active,
-                    "sparsity": 1.0 - active / total,
-                    "dense_flops": counts.layers.get(name) if counts is not None else None,
-                    "effective_flops": effective.get(name),
-                }
-            )
-        return rows
+            _, effective = counts.effective(conn.densities())
+        return [
+            {
+                "layer": c.name,
+                "shape": "x".join(str(s) for s in c.shape),
+                "connections": c.total,
+                "active": c.active,
+                "sparsity": c.sparsity,
+                "dense_flops": counts.layers.get(c.name) if counts is not None else None,
+                "effective_flops": effective.get(c.name),
+            }
+            for c in conn.layers
+        ]
 
     def _log_wandb(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.wandb_table or not trainer.is_global_zero:
@@ -198,7 +209,9 @@ class SparsityMonitor(Callback):
             )
             return
         try:
-            self.flop_counts = count_flops(pl_module, example.to(pl_module.device))
+            # one sample's FLOPs, even when example_input_array is a batch; traced once per
+            # model and input shape, and shared with the run summary
+            self.flop_counts = flop_counts(pl_module, _like_parameters(example, pl_module))
         except Exception as err:  # tracing other people's modules can fail in many ways
             self._flops_failed = True
             rank_zero_warn(

@@ -30,6 +30,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from scl_lightning._utils import is_int
+
 from ._archive import ArchiveError, check_md5, download_file, restricted_pickle_load, safe_extract
 from .sampling import EpochShuffleSampler, global_seed, resumable_loader_kwargs
 from .transforms import BatchAugment
@@ -44,11 +46,6 @@ __all__ = [
 
 _IMAGE_SHAPE = (3, 32, 32)
 _PIXELS = 3 * 32 * 32
-
-
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass, but `batch_size=True` is a mistake, not a batch size of one.
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_bool(value: Any) -> bool:
@@ -204,9 +201,9 @@ class CIFARDataModule(LightningDataModule):
             )
         if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
             raise ValueError(f"data_dir must be a non-empty path, got {data_dir!r}")
-        if not _is_int(batch_size) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not _is_int(num_workers) or num_workers < 0:
+        if not is_int(num_workers) or num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
         for name, value in (
             ("download", download),
@@ -223,13 +220,13 @@ class CIFARDataModule(LightningDataModule):
             or not 0.0 <= float(val_split) < 1.0
         ):
             raise ValueError(f"val_split must be a number in [0, 1), got {val_split!r}")
-        if not _is_int(split_seed) or not 0 <= split_seed < 2**32:
+        if not is_int(split_seed) or not 0 <= split_seed < 2**32:
             raise ValueError(f"split_seed must be an integer in [0, 2**32), got {split_seed!r}")
-        if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):
+        if seed is not None and (not is_int(seed) or not 0 <= seed < 2**32):
             raise ValueError(f"seed must be None or an integer in [0, 2**32), got {seed!r}")
-        if not _is_int(crop_padding) or crop_padding < 0:
+        if not is_int(crop_padding) or crop_padding < 0:
             raise ValueError(f"crop_padding must be a non-negative integer, got {crop_padding!r}")
-        if not _is_int(cutout) or not 0 <= cutout <= 32:
+        if not is_int(cutout) or not 0 <= cutout <= 32:
             raise ValueError(
                 f"cutout must be an integer in [0, 32] (0 disables it), got {cutout!r}"
             )

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
+
+from scl_lightning._utils import is_int
 
 from .sampling import global_seed, resumable_loader_kwargs
 
@@ -18,11 +19,6 @@ __all__ = ["DigitsDataModule"]
 _NUM_SAMPLES = 1797
 _NUM_CLASSES = 10
 _MAX_PIXEL = 16.0
-
-
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass, but `batch_size=True` is a mistake, not a batch size of one.
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _split_indices(
@@ -101,7 +97,7 @@ class DigitsDataModule(LightningDataModule):
         normalize: bool = True,
     ) -> None:
         super().__init__()
-        if not _is_int(batch_size) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if (
             not isinstance(val_fraction, (int, float, np.floating))
@@ -117,9 +113,9 @@ class DigitsDataModule(LightningDataModule):
                 f"val_fraction={val_fraction!r} leaves no training samples out of {_NUM_SAMPLES}; "
                 f"use a value of at most {(_NUM_SAMPLES - 1) / _NUM_SAMPLES:.6f}"
             )
-        if not _is_int(split_seed) or not 0 <= split_seed < 2**32:
+        if not is_int(split_seed) or not 0 <= split_seed < 2**32:
             raise ValueError(f"split_seed must be an integer in [0, 2**32), got {split_seed!r}")
-        if not _is_int(num_workers) or num_workers < 0:
+        if not is_int(num_workers) or num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
         if not isinstance(normalize, (bool, np.bool_)):
             raise ValueError(f"normalize must be True or False, got {normalize!r}")

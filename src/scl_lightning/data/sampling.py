@@ -1,5 +1,5 @@
 """Samplers whose order is a function of ``(seed, epoch)`` only, so that a run resumed from a
-checkpoint (even mid-epoch, see :class:`~scl_lightning.callbacks.ExactResume`) reads its data in
+checkpoint (even mid-epoch, see :class:`~scl_lightning.experiment.ExactResume`) reads its data in
 the same order as a run that was never interrupted."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Plain-torch SCL building blocks (no Lightning imports): estimators, masked layers, stats."""
 
+from scl_lightning.nn.collapse import LayerCollapseGuard, LayerCollapseWarning
 from scl_lightning.nn.masked import (
     MaskedConv1d,
     MaskedConv2d,
@@ -16,9 +17,12 @@ from scl_lightning.nn.sparsify import (
     sparsify,
 )
 from scl_lightning.nn.stats import (
+    Connectivity,
     LayerConnectivity,
     connection_count,
+    connectivity,
     global_sparsity,
+    global_sparsity_including_dense,
     layer_connectivity,
     layer_sparsity,
     total_connections,
@@ -41,8 +45,11 @@ __all__ = [
     "MASKED_CLASSES",
     "NORMALIZERS",
     "STE",
+    "Connectivity",
     "HardtanhSTE",
     "IdentitySTE",
+    "LayerCollapseGuard",
+    "LayerCollapseWarning",
     "LayerConnectivity",
     "LeakyReLUSTE",
     "MaskedConv1d",
@@ -53,9 +60,11 @@ __all__ = [
     "SoftplusSTE",
     "available_stes",
     "connection_count",
+    "connectivity",
     "export_pruned",
     "get_ste",
     "global_sparsity",
+    "global_sparsity_including_dense",
     "heaviside",
     "layer_connectivity",
     "layer_sparsity",

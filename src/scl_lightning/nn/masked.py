@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scl_lightning.nn.ste import STE, active_count, get_ste, masked_weight, step
+from scl_lightning.nn.ste import (
+    STE,
+    active_count,
+    count_dtype,
+    count_positive,
+    get_ste,
+    masked_weight,
+    step,
+)
 
 __all__ = [
     "MaskedConv1d",
@@ -55,32 +63,57 @@ class MaskedLayer:
     def _init_mask(self, mask_init: float = 1.0, ste: str | STE = "identity") -> None:
         mask_init = validate_mask_init(mask_init)
         self.ste = get_ste(ste)
-        mask = torch.full_like(self.weight, mask_init, requires_grad=False)
+        # never below float32, whatever the weight's dtype (see `_apply`)
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        mask = torch.full_like(self.weight, mask_init, dtype=dtype, requires_grad=False)
         self.register_parameter("mask", nn.Parameter(mask))  # type: ignore[attr-defined]
 
     def effective_weight(self) -> Tensor:
         """``weight * H(mask)``, differentiable in both through the layer's estimator."""
         h = step(self.mask, self.weight.dtype)
         if not torch.compiler.is_compiling():
-            # Remembered (weakly: the backward pass holds it until it has run) for the
-            # connection count that usually follows this forward pass, the SCL penalty, which
-            # then sums it instead of comparing the whole mask again: see `active_count`.
-            self.__dict__["_fresh_h"] = (weakref.ref(h), self.mask, self.mask._version)
+            # Remembered, weakly (the backward pass holds it until it has run), for
+            # `forward_count`: the count of the connections this forward pass used.
+            self.__dict__["_fresh_h"] = weakref.ref(h)
         return masked_weight(self.weight, self.mask, self.ste, h=h)
 
     def active_count(self) -> Tensor:
-        """The layer's number of active connections ``sum(H(mask))``, a scalar differentiable in
-        ``mask`` through the layer's estimator (see :func:`scl_lightning.nn.ste.active_count`).
+        """The layer's number of active connections ``sum(H(mask))`` for the mask's current
+        values, a scalar differentiable in ``mask`` through the layer's estimator (see
+        :func:`scl_lightning.nn.ste.active_count`)."""
+        return active_count(self.mask, self.ste)
 
-        ``H(mask)`` of the latest forward pass is reused, once, while the backward pass still
-        holds it and the mask has not changed since (same tensor, same version counter), so a
-        penalty computed right after the forward pass costs no extra pass over the mask.
+    @torch.no_grad()
+    def forward_count(self) -> Tensor:
+        """The number of connections the latest forward pass used (no gradient), exactly.
+
+        It sums that pass's ``H(mask)`` while its backward pass still holds it, so a figure
+        logged next to the loss (SCL's ``lam * C``) costs no second pass over the mask and is
+        the count that loss was computed with, whatever was written to the mask since. Once
+        the backward pass has run, or before any forward pass, it counts the current mask.
         """
-        fresh = self.__dict__.pop("_fresh_h", None)
-        h = None
-        if fresh is not None and fresh[1] is self.mask and fresh[2] == self.mask._version:
-            h = fresh[0]()
-        return active_count(self.mask, self.ste, h=h)
+        ref = self.__dict__.pop("_fresh_h", None)
+        h = ref() if ref is not None else None
+        if h is None:
+            return count_positive(self.mask)
+        return h.sum(dtype=count_dtype(self.mask))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # Masks never drop below float32. `module.to(torch.bfloat16)` (and Lightning's
+        # `bf16-true`/`16-true`, which convert the module) would otherwise store them in a
+        # format whose steps near 1.0 are 2**-8 (bfloat16) apart: mask updates smaller than
+        # that round away and the masks stall, silently. The device still follows `fn`.
+        data = self.mask.data  # the parameter object is kept; its data is replaced
+        before = data.dtype
+        out = super()._apply(fn, recurse)  # type: ignore[misc]
+        after = self.mask.dtype
+        if (
+            before.is_floating_point
+            and after.is_floating_point
+            and torch.finfo(after).bits < 32 <= torch.finfo(before).bits
+        ):
+            self.mask.data = data.to(self.mask.device)
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         # the forward pass's H(mask) belongs to this object's mask, never to a copy's

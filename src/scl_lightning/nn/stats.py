@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from scl_lightning.nn.sparsify import masked_modules
+from scl_lightning.nn.masked import MaskedLayer
+from scl_lightning.nn.sparsify import maskable_modules, masked_modules
 from scl_lightning.nn.ste import count_positive
 
 __all__ = [
+    "Connectivity",
     "LayerConnectivity",
     "connection_count",
+    "connectivity",
     "global_sparsity",
+    "global_sparsity_including_dense",
     "layer_connectivity",
     "layer_sparsity",
     "total_connections",
@@ -31,7 +36,7 @@ def _require_masked(model: nn.Module, fn: str) -> list:
 
 
 def total_connections(model: nn.Module) -> int:
-    """Number of maskable connections (mask entries) of all masked layers of ``model``."""
+    """Number of connections (mask entries) of all masked layers of ``model``."""
     return sum(layer.mask.numel() for _, layer in _require_masked(model, "total_connections"))
 
 
@@ -71,38 +76,137 @@ def connection_count(model: nn.Module, *, density: bool = False) -> Tensor:
 
 @dataclass(frozen=True)
 class LayerConnectivity:
-    """Connectivity of one masked layer."""
+    """Connectivity of one maskable layer (``masked=False``: a layer left dense, fully active)."""
 
     name: str
     shape: tuple[int, ...]
     active: int
     total: int
+    masked: bool = True
 
     @property
     def sparsity(self) -> float:
         """Fraction of this layer's connections that are pruned."""
         return 1.0 - self.active / self.total if self.total else 0.0
 
+    @property
+    def density(self) -> float:
+        """Fraction of this layer's connections that are active."""
+        return self.active / self.total if self.total else 1.0
+
+
+@dataclass(frozen=True)
+class Connectivity:
+    """The network's connectivity: THE definition of active and total connections and of global
+    sparsity, which every log, table, summary, report and guard of the project reads.
+
+    * ``active``, ``total``, ``sparsity``: over the **masked** layers, the connections SCL may
+      prune. Layers left dense (``exclude``) are not part of these figures. A network with no
+      masked layer at all is a dense baseline: every maskable layer then counts (all active, so
+      ``sparsity`` is 0), which is what its SCL twin's figures are compared with.
+    * ``active_including_dense``, ``total_including_dense``, ``sparsity_including_dense``: over
+      every maskable layer (``nn.Linear``/``nn.ConvNd``), dense ones counted fully active; the
+      fraction of the whole network's weights that are pruned.
+
+    Example::
+
+        >>> from scl_lightning.nn.sparsify import sparsify
+        >>> net = sparsify(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), exclude=["1"])
+        >>> with torch.no_grad():
+        ...     _ = net[0].mask[:2].fill_(-1.0)  # 8 of the 16 masked connections pruned
+        >>> c = connectivity(net)
+        >>> c.active, c.total, c.sparsity
+        (8, 16, 0.5)
+        >>> c.total_including_dense, round(c.sparsity_including_dense, 4)
+        (24, 0.3333)
+    """
+
+    layers: tuple[LayerConnectivity, ...]
+
+    @property
+    def counted(self) -> tuple[LayerConnectivity, ...]:
+        """The layers the global figures count: the masked ones, or every maskable layer of a
+        network with none masked (a dense baseline)."""
+        masked = tuple(c for c in self.layers if c.masked)
+        return masked if masked else self.layers
+
+    @property
+    def active(self) -> int:
+        """Active connections of the masked layers."""
+        return sum(c.active for c in self.counted)
+
+    @property
+    def total(self) -> int:
+        """Connections of the masked layers (the mask entries)."""
+        return sum(c.total for c in self.counted)
+
+    @property
+    def sparsity(self) -> float:
+        """Global sparsity: the fraction of the masked layers' connections that are pruned."""
+        total = self.total
+        return 1.0 - self.active / total if total else 0.0
+
+    @property
+    def active_including_dense(self) -> int:
+        """Active connections of every maskable layer, dense ones fully active."""
+        return sum(c.active for c in self.layers)
+
+    @property
+    def total_including_dense(self) -> int:
+        """Connections of every maskable layer."""
+        return sum(c.total for c in self.layers)
+
+    @property
+    def sparsity_including_dense(self) -> float:
+        """The fraction of every maskable layer's connections that are pruned."""
+        total = self.total_including_dense
+        return 1.0 - self.active_including_dense / total if total else 0.0
+
+    def densities(self) -> dict[str, float]:
+        """``{layer: active fraction}`` for every maskable layer (dense ones 1.0): what the
+        effective FLOPs scale each layer's dense FLOPs by."""
+        return {c.name: c.density for c in self.layers}
+
 
 @torch.no_grad()
+def connectivity(model: nn.Module) -> Connectivity:
+    """Active and total connections of every maskable layer of ``model``, in module order,
+    gathered with a single device-to-host transfer. See :class:`Connectivity` for the figures
+    it defines. A model without any maskable layer gives an empty :class:`Connectivity`."""
+    entries: list[tuple[str, tuple[int, ...], int, bool]] = []
+    counts: list[Tensor] = []
+    for name, module in maskable_modules(model):
+        weight = cast(Tensor, module.weight)
+        masked = isinstance(module, MaskedLayer)
+        entries.append((name, tuple(weight.shape), weight.numel(), masked))
+        if masked:
+            counts.append(count_positive(cast(MaskedLayer, module).mask))
+        else:
+            counts.append(torch.tensor(float(weight.numel()), device=weight.device))
+    if not entries:
+        return Connectivity(())
+    device = counts[0].device
+    active = torch.stack([c.to(device, torch.float64) for c in counts]).tolist()
+    return Connectivity(
+        tuple(
+            LayerConnectivity(name, shape, int(a), total, masked)
+            for (name, shape, total, masked), a in zip(entries, active, strict=True)
+        )
+    )
+
+
 def layer_connectivity(model: nn.Module) -> list[LayerConnectivity]:
     """Active and total connections of every masked layer, in module order.
 
-    All counts are gathered with a single device-to-host transfer.
+    Raises:
+        ValueError: if ``model`` has no masked layer.
     """
-    layers = _require_masked(model, "layer_connectivity")
-    device = layers[0][1].mask.device
-    active = torch.stack(
-        [count_positive(layer.mask).to(device, torch.float64) for _, layer in layers]
-    ).tolist()
-    return [
-        LayerConnectivity(name, tuple(layer.mask.shape), int(a), layer.mask.numel())
-        for (name, layer), a in zip(layers, active, strict=True)
-    ]
+    _require_masked(model, "layer_connectivity")
+    return [c for c in connectivity(model).layers if c.masked]
 
 
 def layer_sparsity(model: nn.Module) -> dict[str, float]:
-    """``{qualified layer name: fraction of its connections pruned}``.
+    """``{qualified layer name: fraction of its connections pruned}`` for every masked layer.
 
     Example::
 
@@ -117,7 +221,16 @@ def layer_sparsity(model: nn.Module) -> dict[str, float]:
 
 
 def global_sparsity(model: nn.Module) -> float:
-    """Fraction of all maskable connections of ``model`` that are pruned."""
-    stats = layer_connectivity(model)
-    total = sum(c.total for c in stats)
-    return 1.0 - sum(c.active for c in stats) / total
+    """Fraction of the masked layers' connections that are pruned (:class:`Connectivity`).
+
+    Raises:
+        ValueError: if ``model`` has no masked layer.
+    """
+    _require_masked(model, "global_sparsity")
+    return connectivity(model).sparsity
+
+
+def global_sparsity_including_dense(model: nn.Module) -> float:
+    """Fraction of the connections of every maskable layer that are pruned, layers left dense
+    included (fully active): lower than :func:`global_sparsity` when some layers are excluded."""
+    return connectivity(model).sparsity_including_dense

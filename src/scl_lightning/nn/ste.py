@@ -31,6 +31,7 @@ __all__ = [
     "SoftplusSTE",
     "active_count",
     "available_stes",
+    "count_dtype",
     "count_positive",
     "get_ste",
     "heaviside",
@@ -49,7 +50,8 @@ def step(m: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return torch.gt(m.detach(), 0, out=torch.empty_like(m, dtype=dtype))
 
 
-def _count_dtype(m: Tensor) -> torch.dtype:
+def count_dtype(m: Tensor) -> torch.dtype:
+    """The dtype that sums ``H(m)`` exactly: at least float32, float64 above 2**24 entries."""
     # At least float32 (a bfloat16 count is not exact above 256), and float64 above 2**24
     # entries: a sum of 0s and 1s is exact while every partial sum is an integer that the
     # accumulator represents exactly.
@@ -68,7 +70,7 @@ def count_positive(m: Tensor) -> Tensor:
         >>> count_positive(torch.tensor([-1.0, 0.0, 2.0, 3.0]))
         tensor(2.)
     """
-    return step(m, _count_dtype(m)).sum()
+    return step(m, count_dtype(m)).sum()
 
 
 class STE:
@@ -87,6 +89,11 @@ class STE:
         """``grad * proxy(m)``: the chain rule through the step. Estimators whose proxy is
         trivial override it to skip the multiplication (``identity`` returns ``grad``)."""
         return grad * self.proxy(m)
+
+    def add_proxy_(self, grad: Tensor, m: Tensor, alpha: float) -> Tensor:
+        """``grad += alpha * proxy(m)`` in place: the gradient of ``alpha * sum(H(m))`` (SCL's
+        penalty) added to ``grad``; ``identity`` adds the scalar, with no ``proxy`` tensor."""
+        return grad.add_(self.proxy(m).to(grad.dtype), alpha=alpha)
 
     def hparams(self) -> dict[str, float]:
         """The estimator's hyper-parameters, as accepted by :func:`get_ste`."""
@@ -119,6 +126,9 @@ class IdentitySTE(STE):
 
     def scale(self, grad: Tensor, m: Tensor) -> Tensor:
         return grad  # times 1: no pass over the weights, no temporary
+
+    def add_proxy_(self, grad: Tensor, m: Tensor, alpha: float) -> Tensor:
+        return grad.add_(alpha)  # alpha * 1: a scalar, no tensor of ones
 
 
 class LeakyReLUSTE(STE):
@@ -253,7 +263,7 @@ class _ActiveCount(torch.autograd.Function):
         ctx.ste = ste
         if h is None:
             return count_positive(m)
-        return h.sum(dtype=_count_dtype(m))
+        return h.sum(dtype=count_dtype(m))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:

@@ -1,7 +1,7 @@
 import pytest
 
-import scl_lightning.loggers as loggers_module
-from scl_lightning.loggers import WandbLogger, wandb_credentials_available
+import scl_lightning.experiment.loggers as loggers_module
+from scl_lightning.experiment.loggers import WandbLogger, wandb_credentials_available
 
 NETRC_ENTRY = "machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n"
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from scl_lightning.flops import (
+from scl_lightning.nn.flops import (
     FlopCounts,
     count_flops,
     dense_view,

@@ -16,10 +16,10 @@ import pytest
 import torch
 import yaml
 
-from scl_lightning.checkpoint import load_checkpoint
+from scl_lightning.experiment.checkpoint import load_checkpoint
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "digits_mlp.yaml"
-TESTS = Path(__file__).resolve().parent
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "digits_mlp.yaml"
+TESTS = Path(__file__).resolve().parents[1]  # _helpers.py
 EPOCHS = 3  # 23 batches per epoch
 
 
@@ -44,7 +44,15 @@ def _scl(workdir: Path, *args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
     env["WANDB_MODE"] = "disabled"
     return subprocess.Popen(
-        [sys.executable, "-m", "scl_lightning.cli", "fit", "--config", "recipe.yaml", *args],
+        [
+            sys.executable,
+            "-m",
+            "scl_lightning.experiment.cli",
+            "fit",
+            "--config",
+            "recipe.yaml",
+            *args,
+        ],
         cwd=workdir,
         env=env,
         stdout=subprocess.PIPE,

@@ -25,15 +25,15 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from wandb.proto import wandb_internal_pb2
 
-import scl_lightning.callbacks.wandb_artifacts as wandb_artifacts_module
+import scl_lightning.experiment.wandb_artifacts as wandb_artifacts_module
 from scl_lightning import SCLModule, export_pruned
 from scl_lightning.callbacks import MaskGradientNormalization, SparsityMonitor
+from scl_lightning.callbacks._logging import active_wandb_loggers
 from scl_lightning.callbacks.sparsity_monitor import LAYER_COLUMNS
-from scl_lightning.callbacks.wandb_artifacts import WandbArtifacts
-from scl_lightning.cli import WANDB_CONFIG_FILENAME, flatten_config, main
 from scl_lightning.data import DigitsDataModule
-from scl_lightning.export import PRUNED_FORMAT, load_pruned
-from scl_lightning.loggers import active_wandb_loggers
+from scl_lightning.deploy import PRUNED_FORMAT, load_pruned
+from scl_lightning.experiment.cli import WANDB_CONFIG_FILENAME, flatten_config, main
+from scl_lightning.experiment.wandb_artifacts import WandbArtifacts
 from scl_lightning.models import create_model
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -415,7 +415,7 @@ def test_csv_logger_gets_the_scalars_and_nothing_needs_wandb(tmp_path, no_wandb)
 
 def test_importing_the_package_does_not_import_wandb():
     code = (
-        "import sys, scl_lightning, scl_lightning.cli, scl_lightning.callbacks.wandb_artifacts; "
+        "import sys, scl_lightning, scl_lightning.experiment.cli, scl_lightning.experiment; "
         "sys.exit('wandb' in sys.modules)"
     )
     src = str(Path(__file__).resolve().parents[2] / "src")
@@ -504,7 +504,7 @@ def test_artifact_metadata_stays_under_wandbs_key_limit():
     from torch import nn
 
     from scl_lightning import sparsify
-    from scl_lightning.callbacks.wandb_artifacts import WandbArtifacts
+    from scl_lightning.experiment.wandb_artifacts import WandbArtifacts
 
     net = sparsify(nn.Sequential(*[nn.Linear(4, 4) for _ in range(60)]))
     metrics = {f"sparsity/{i}": torch.tensor(0.5) for i in range(60)}

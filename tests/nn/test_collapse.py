@@ -15,7 +15,7 @@ from scl_lightning import SCLModule
 from scl_lightning.callbacks import MaskGradientNormalization, SparseConnectivityLearning
 from scl_lightning.data import DigitsDataModule
 from scl_lightning.nn import layer_sparsity, masked_modules
-from scl_lightning.training import LayerCollapseGuard, LayerCollapseWarning
+from scl_lightning.nn.collapse import LayerCollapseGuard, LayerCollapseWarning
 
 
 def _fit(tmp_path: Path, **kwargs) -> tuple[SCLModule, list[warnings.WarningMessage]]:
@@ -107,3 +107,37 @@ def test_drop_in_callback_warns_and_keeps_a_floor(tmp_path: Path) -> None:
     module, _ = run(min_connections_per_layer=4)
     for name, layer in masked_modules(module.net):
         assert int((layer.mask > 0).sum()) >= 4, name
+
+
+def test_guard_revives_channels_last_conv_masks() -> None:
+    """A channels_last convolution's mask has no flat view (`mask.view(-1)` raised)."""
+    from torch import nn
+
+    from scl_lightning.nn import sparsify
+
+    net = sparsify(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)))
+    net = net.to(memory_format=torch.channels_last)
+    assert not net[0].mask.is_contiguous()
+    with torch.no_grad():
+        net[0].mask.fill_(-1.0)
+        net[0].mask[1, 2, 0, 1] = -0.25  # the strongest of the pruned masks
+    assert LayerCollapseGuard(min_connections=3).check(net, warn=False) == ["0"]
+    assert int((net[0].mask > 0).sum()) == 3
+    assert net[0].mask[1, 2, 0, 1] > 0
+    assert not net[0].mask.is_contiguous()  # the layout is kept
+
+
+def test_guard_in_training_with_channels_last(tmp_path: Path) -> None:
+    from torch import nn
+
+    class ChannelsLast(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            pl_module.to(memory_format=torch.channels_last)
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    module = SCLModule(net, lam=1.0, mask_lr=0.5, min_connections_per_layer=2)
+    trainer = quiet_trainer(tmp_path, limit_train_batches=4, callbacks=[ChannelsLast()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LayerCollapseWarning)
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    assert int((net[0].mask > 0).sum()) >= 2

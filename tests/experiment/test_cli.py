@@ -1,15 +1,14 @@
 """The `scl` command, run in-process on the real recipes with a few batches."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from scl_lightning.cli import main
+from scl_lightning.experiment.cli import main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPE = str(CONFIGS / "digits_mlp.yaml")
 DENSE = str(CONFIGS / "digits_mlp_dense.yaml")
 CSV = str(CONFIGS / "logger" / "csv.yaml")
@@ -29,13 +28,6 @@ REQUIRED = {
     "seed",
 }
 CONNECTIONS = 64 * 300 + 300 * 100 + 100 * 10
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["scl"])  # LightningCLI warns when both are given
-    return tmp_path
 
 
 def _summary(workdir: Path) -> tuple[Path, dict]:
@@ -141,7 +133,7 @@ def test_print_config(workdir, capsys):
     assert config["model"]["mask_lr"] == 0.01
     assert config["data"]["class_path"] == "scl_lightning.data.DigitsDataModule"
     loggers = config["trainer"]["logger"]
-    assert [lg["class_path"] for lg in loggers] == ["scl_lightning.loggers.CSVLogger"]
+    assert [lg["class_path"] for lg in loggers] == ["scl_lightning.experiment.loggers.CSVLogger"]
     assert not (workdir / "runs").exists()
 
 

@@ -14,14 +14,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from scl_lightning import SCLModule
-from scl_lightning.callbacks import (
-    ExactResume,
-    MaskGradientNormalization,
-    SparseConnectivityLearning,
-)
-from scl_lightning.callbacks.exact_resume import _skip_batches, _SkipFirst, rng_state
-from scl_lightning.checkpoint import SafeCheckpointIO, load_checkpoint
+from scl_lightning.callbacks import MaskGradientNormalization, SparseConnectivityLearning
 from scl_lightning.data import DigitsDataModule
+from scl_lightning.experiment import ExactResume, SafeCheckpointIO, load_checkpoint
+from scl_lightning.experiment.exact_resume import _skip_batches, _SkipFirst, rng_state
 
 STEPS_PER_EPOCH = 12  # limit_train_batches
 

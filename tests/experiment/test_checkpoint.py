@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from scl_lightning import SCLModule
-from scl_lightning.checkpoint import (
+from scl_lightning.experiment.checkpoint import (
     CheckpointError,
     SafeCheckpointIO,
     atomic_torch_save,
@@ -27,8 +27,8 @@ from scl_lightning.checkpoint import (
 # the write (the moment a preemption would kill it).
 _SAVER = r"""
 import io, sys, time, torch
-import scl_lightning.checkpoint as ckpt
-from scl_lightning.checkpoint import SafeCheckpointIO
+import scl_lightning.experiment.checkpoint as ckpt
+from scl_lightning.experiment.checkpoint import SafeCheckpointIO
 
 real_save = torch.save
 def stalling_save(obj, f, *args, **kwargs):

@@ -10,8 +10,8 @@ from torch import nn
 
 from _helpers import TinyClassifier, quiet_trainer
 from scl_lightning import sparsify
-from scl_lightning.callbacks import rank_agreement
-from scl_lightning.callbacks.rank_agreement import (
+from scl_lightning.experiment import rank_agreement
+from scl_lightning.experiment.rank_agreement import (
     RankAgreementCheck,
     RankDivergenceError,
     divergence_message,

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from scl_lightning import report
-from scl_lightning.cli import main as scl_main
+from scl_lightning.experiment import report
+from scl_lightning.experiment.cli import main as scl_main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CSV = str(CONFIGS / "logger" / "csv.yaml")
 FAST = [
     "--trainer.max_epochs=2",
@@ -252,7 +252,7 @@ def test_failure_leaves_no_partial_report(run_dir, monkeypatch, capsys):
     def broken(run, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report, "plot_flops", broken)
+    monkeypatch.setattr(report.write, "plot_flops", broken)  # where write_report looks it up
     assert report.main([str(run_dir)]) == 2
     assert "scl report: error: cannot write the report" in capsys.readouterr().err
     assert not (run_dir / "report").exists()
@@ -366,3 +366,17 @@ def test_scl_command_dispatches_report(run_dir, capsys):
         scl_main(["report", str(run_dir / "nope")])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().startswith("scl report: error:")
+
+
+def test_old_import_path_warns_and_gives_the_same_objects():
+    import scl_lightning.report as old
+
+    assert old.__all__ == sorted(report.__all__)
+    for name in report.__all__:
+        with pytest.warns(DeprecationWarning, match=r"scl_lightning\.experiment\.report"):
+            assert getattr(old, name) is getattr(report, name), name
+    with pytest.warns(
+        DeprecationWarning, match=r"import main from scl_lightning\.experiment\.report"
+    ):
+        from scl_lightning.report import main
+    assert main is report.main

@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import CSVLogger
 from _helpers import TinyClassifier as _PlainClassifier
 from _helpers import quiet_trainer
 from scl_lightning import sparsify
-from scl_lightning.callbacks import RunSummary
+from scl_lightning.experiment import RunSummary
 
 REQUIRED = {
     "val_acc",
@@ -79,6 +79,7 @@ def test_writes_summary_json(tmp_path):
             "active": 768,
             "total": 1024,
             "sparsity": 0.25,
+            "masked": True,
             "dense_flops": 1024,
         },
         {
@@ -87,10 +88,67 @@ def test_writes_summary_json(tmp_path):
             "active": 144,
             "total": 160,
             "sparsity": pytest.approx(0.1),
+            "masked": True,
             "dense_flops": 160,
         },
     ]
     assert list(path.parent.glob("*.tmp")) == []
+    assert summary["metrics"]["val/acc"] == summary["val_acc"]
+
+
+class _OtherNames(TinyClassifier):
+    """Someone else's module, logging `val_acc` and `valid_loss`."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val_acc", (logits.argmax(1) == y).float().mean())
+        self.log("valid_loss", F.cross_entropy(logits, y))
+
+
+def test_other_modules_metric_names(tmp_path):
+    """RunSummary read only `val/acc` and `val/loss`, so other modules got None."""
+    model = _OtherNames()
+    callback = RunSummary(print_table=False, val_loss_key="valid_loss")
+    _trainer(tmp_path, callbacks=[callback]).fit(model)
+    summary = callback.summary
+    assert summary["val_acc"] == pytest.approx(float(summary["metrics"]["val_acc"]))
+    assert summary["val_acc"] is not None and summary["val_loss"] is not None
+    assert summary["val_loss"] == summary["metrics"]["valid_loss"]
+
+
+def test_exclude_counts_the_masked_layers(tmp_path):
+    model = TinyClassifier()
+    sparsify(model.net, exclude=["3"])
+    with torch.no_grad():
+        model.net[1].mask[:8] = -1.0  # 512 of the 1,024 masked connections
+    callback = RunSummary(print_table=False)
+    _trainer(tmp_path, callbacks=[callback]).fit(model)
+    summary = callback.summary
+    assert (summary["active_connections"], summary["total_connections"]) == (512, 1024)
+    assert summary["sparsity"] == 0.5
+    assert summary["sparsity_including_dense"] == pytest.approx(512 / 1184)
+    assert [layer["masked"] for layer in summary["layers"]] == [True, False]
+
+
+def test_shares_the_monitors_trace(tmp_path, monkeypatch):
+    """fvcore traced twice per `scl fit` (SparsityMonitor and RunSummary): once now."""
+    import scl_lightning.nn.flops as flops_module
+    from scl_lightning.callbacks import SparsityMonitor
+
+    calls = []
+    original = flops_module.count_flops
+
+    def counting(model, example):
+        calls.append(tuple(example.shape))
+        return original(model, example)
+
+    monkeypatch.setattr(flops_module, "count_flops", counting)
+    model = _pruned_model()
+    callbacks = [SparsityMonitor(log_every_n_steps=1), RunSummary(print_table=False)]
+    _trainer(tmp_path, callbacks=callbacks).fit(model)
+    assert calls == [(1, 1, 8, 8)]
+    assert callbacks[1].summary["dense_flops"] == 1184
 
 
 def test_never_overwrites(tmp_path):

@@ -1,0 +1,86 @@
+"""Whether a checkpoint's state dict fits a model (plain torch, no Lightning).
+
+:class:`CheckpointError` and :func:`check_compatible` live here, below both
+:class:`~scl_lightning.SCLModule` (which checks every checkpoint it loads) and
+:mod:`scl_lightning.experiment.checkpoint` (which re-exports them), so that neither the module
+nor the callbacks import ``experiment/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "check_compatible"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: a file that is truncated, not a checkpoint, or holds
+    objects that could run code when unpickled; or a state dict that does not fit the model."""
+
+
+def check_compatible(
+    expected: dict[str, Any], found: dict[str, Any], source: str = "the checkpoint"
+) -> None:
+    """Check that the state dict ``found`` (from a checkpoint) fits a model whose state dict is
+    ``expected``, and say in one line what does not: masks that differ in shape, masks on one
+    side only (a dense checkpoint for a masked model, or the reverse), or another architecture.
+
+    Example::
+
+        >>> check_compatible({"fc.mask": torch.zeros(3, 4)}, {"fc.mask": torch.zeros(2, 4)})
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        scl_lightning._compat.CheckpointError: the checkpoint does not fit this model: mask ...
+    """
+    hint = (
+        "load it into the model it was trained with (same backbone, num_classes, input_shape "
+        "and exclude)"
+    )
+
+    def shape(value: Any) -> tuple[int, ...] | None:
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    for key in sorted(expected.keys() & found.keys()):
+        if key.endswith(".mask") and shape(expected[key]) != shape(found[key]):
+            raise CheckpointError(
+                f"{source} does not fit this model: mask {key} has shape {shape(found[key])} in "
+                f"the checkpoint and {shape(expected[key])} in the model; {hint}"
+            )
+    masks_expected = {k for k in expected if k.endswith(".mask")}
+    masks_found = {k for k in found if k.endswith(".mask")}
+    # "dense run" / "masked run" only when the rest agrees: the checkpoint of another model
+    # (no masks, other layer names) is another architecture, and sparsify would not help
+    same_layers = expected.keys() - masks_expected == found.keys() - masks_found
+    if same_layers and masks_expected and not masks_found:
+        raise CheckpointError(
+            f"{source} has no masks (a dense run, sparsify=False?) but this model is masked; "
+            "resume a dense run with --model.sparsify false, or start the SCL run from scratch"
+        )
+    if same_layers and masks_found and not masks_expected:
+        raise CheckpointError(
+            f"{source} holds masks but this model is dense (sparsify=False); load it with "
+            "sparsify=True, or export its pruned weights with scl_lightning.export_pruned first"
+        )
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    mismatched = [
+        key
+        for key in sorted(expected.keys() & found.keys())
+        if shape(expected[key]) != shape(found[key])
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            key = mismatched[0]
+            parts.append(
+                f"{key} has shape {shape(found[key])} in the checkpoint and "
+                f"{shape(expected[key])} in the model"
+            )
+        if missing:
+            parts.append(f"{len(missing)} entries missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise CheckpointError(f"{source} is from another architecture: {'; '.join(parts)}; {hint}")

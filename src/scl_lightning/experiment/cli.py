@@ -1,0 +1,533 @@
+"""The ``scl`` command: a LightningCLI for SCLModule and the scl-lightning DataModules.
+
+Examples::
+
+    scl fit --config configs/digits_mlp.yaml
+    scl fit --config configs/digits_mlp.yaml --model.lam 4e-5 --seed_everything 1
+    scl validate --config configs/digits_mlp.yaml --ckpt_path runs/.../checkpoints/last.ckpt
+    scl test --config configs/digits_mlp.yaml --ckpt_path last
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from argparse import ArgumentError
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning.pytorch as pl
+import yaml
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from scl_lightning._utils import next_free_path
+from scl_lightning.callbacks._logging import active_wandb_loggers
+from scl_lightning.experiment.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
+from scl_lightning.experiment.exact_resume import ExactResume
+from scl_lightning.experiment.non_finite import NonFiniteError, StopOnNonFinite
+from scl_lightning.experiment.rank_agreement import RankDivergenceError
+from scl_lightning.experiment.run_summary import RunSummary
+from scl_lightning.experiment.wandb_artifacts import WandbArtifacts
+from scl_lightning.module import SCLModule
+
+__all__ = ["SCLCLI", "SaveConfigToWandb", "flatten_config", "main"]
+
+#: name of the resolved config in a W&B run's files (W&B keeps its own ``config.yaml`` there)
+WANDB_CONFIG_FILENAME = "lightning_config.yaml"
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings flattened to dotted keys (``{"model": {"lam": 1}}`` -> ``{"model.lam":
+    1}``); lists and scalars are kept as values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class OutputDirectoryError(ValueError):
+    """``scl fit`` would write into a directory that already holds another run."""
+
+
+#: files whose presence means a directory holds a run
+_RUN_MARKERS = ("config.yaml", "metrics.csv", "summary.json", "hparams.yaml")
+
+
+def _run_files(directory: Path) -> list[str]:
+    if not directory.is_dir():
+        return []
+    found = [name for name in _RUN_MARKERS if (directory / name).exists()]
+    found += sorted(p.name for p in directory.glob("*.ckpt"))
+    found += sorted(f"checkpoints/{p.name}" for p in directory.glob("checkpoints/*.ckpt"))
+    return found
+
+
+def _occupied_output_message(trainer: pl.Trainer, log_dir: str | None, resume: Any) -> str | None:
+    """Why a new fit must not write where it is about to, or ``None``: the log directory or a
+    checkpoint directory already holds a run and this fit does not resume from inside it."""
+    directories: list[tuple[str, Path]] = []
+    if log_dir is not None:
+        directories.append(("log directory", Path(log_dir)))
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            directories.append(("checkpoint directory", Path(callback.dirpath)))
+    resume_path = Path(resume).resolve() if resume and resume != "last" else None
+    for kind, directory in directories:
+        found = _run_files(directory)
+        if not found:
+            continue
+        if resume_path is not None and directory.resolve() in resume_path.parents:
+            continue  # resuming this run: it continues in its own directory
+        if resume == "last" and any(
+            directory.glob(pattern) for pattern in ("last*.ckpt", "checkpoints/last*.ckpt")
+        ):
+            continue  # a fixed directory: Lightning resumes from its own `last` checkpoint
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        return (
+            f"the {kind} {directory} already holds a run ({shown}) and would be overwritten; "
+            "resume it with --ckpt_path last, or write to a new directory (leave the logger's "
+            "version unset, or change the checkpoint dirpath)"
+        )
+    return None
+
+
+class SaveConfigToWandb(SaveConfigCallback):
+    """LightningCLI's ``SaveConfigCallback`` (``config.yaml`` in the log directory) that also
+    stores the resolved config with every W&B run: flattened into the run's config
+    (``model.lam``, ``trainer.max_epochs``, ...) and as the file ``lightning_config.yaml`` among
+    the run's files (offline: ``<save_dir>/wandb/offline-run-*/files/``). Runs on rank zero, at
+    the Trainer's ``setup``, before any training step."""
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and not self.already_saved:
+            resume = self.config.get("ckpt_path")
+            log_dir = trainer.log_dir  # a collective (it broadcasts): called on every rank
+            if resume and log_dir is not None and (Path(log_dir) / self.config_filename).exists():
+                # the run directory's config.yaml is the original run's: keep it, and save this
+                # invocation's config next to it
+                resume_config = Path(log_dir) / "config.resume.yaml"
+                self.config_filename = next_free_path(resume_config, numbered=True).name
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        loggers = active_wandb_loggers(trainer.loggers)
+        if not loggers:
+            return
+        text = self.parser.dump(self.config, skip_none=False)
+        flat = flatten_config(yaml.safe_load(text))
+        for logger in loggers:
+            run = logger.experiment
+            run.config.update(flat, allow_val_change=True)
+            path = Path(run.dir) / WANDB_CONFIG_FILENAME
+            path.write_text(text)
+            run.save(str(path), base_path=run.dir, policy="now")
+
+
+#: values of ``ckpt_path`` that Lightning resolves itself
+_SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+_VERSION_DIR = re.compile(r"version_(\d+)$")
+_VERSIONED_LOGGERS = ("CSVLogger", "TensorBoardLogger")
+_LIGHTNING_CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+#: subcommands that evaluate a trained model
+_EVALUATE = ("validate", "test", "predict")
+
+
+def _logger_configs(trainer_config: Any) -> list[Any]:
+    loggers = trainer_config.get("logger")
+    if loggers is None or isinstance(loggers, bool):
+        return []
+    return list(loggers) if isinstance(loggers, list) else [loggers]
+
+
+def _class_of(config: Any) -> type | None:
+    """The class a ``class_path`` config names, or ``None`` if it names none."""
+    class_path = config.get("class_path") if hasattr(config, "get") else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    module, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    return found if isinstance(found, type) else None
+
+
+def _checkpoint_dirpaths(trainer_config: Any) -> tuple[list[Path], bool]:
+    """The fixed ``dirpath`` of every ModelCheckpoint of the config, and whether some checkpoint
+    callback writes into the logger's directory instead (one without a ``dirpath``, or
+    Lightning's default ModelCheckpoint when the config has none)."""
+    callbacks = trainer_config.get("callbacks") or []
+    fixed: list[Path] = []
+    in_log_dir = False
+    found = False
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        cls = _class_of(callback)
+        if cls is None or not issubclass(cls, ModelCheckpoint):
+            continue
+        found = True
+        init_args = callback.get("init_args")
+        dirpath = init_args.get("dirpath") if init_args is not None else None
+        if dirpath:
+            fixed.append(Path(dirpath))
+        else:
+            in_log_dir = True
+    return fixed, in_log_dir or not found
+
+
+class _LogCheckpointDir(NamedTuple):
+    """Where a ModelCheckpoint without ``dirpath`` writes: ``<root>/<version>/checkpoints``, as
+    Lightning resolves it from the first logger (``<save_dir>/<name>/<version>``)."""
+
+    root: Path
+    #: the run directory under ``root``; ``None``: a new one for every run
+    version: str | None
+    #: runs are ``version_N`` directories (CSVLogger, TensorBoardLogger)
+    numbered: bool
+
+
+def _versioned_root(init_args: Any, default_root: Path) -> Path:
+    """``<save_dir>/<name>`` of a CSVLogger or TensorBoardLogger (which take ``name=None`` as
+    ``""``)."""
+    save_dir = Path(init_args.get("save_dir") or default_root)
+    return save_dir / (init_args.get("name", "lightning_logs") or "")
+
+
+def _log_checkpoint_dir(trainer_config: Any) -> _LogCheckpointDir:
+    default_root = Path(trainer_config.get("default_root_dir") or ".")
+    logger = trainer_config.get("logger")
+    if logger is False or logger == []:
+        return _LogCheckpointDir(default_root, "", False)  # <default_root_dir>/checkpoints
+    if logger is None or logger is True:  # Lightning's default TensorBoardLogger (or CSVLogger)
+        return _LogCheckpointDir(default_root / "lightning_logs", None, True)
+    first = _logger_configs(trainer_config)[0]
+    class_path = str(first.get("class_path", ""))
+    init_args = first.get("init_args") or {}
+    save_dir = Path(init_args.get("save_dir") or default_root)
+    version = init_args.get("version")
+    if class_path.endswith(_VERSIONED_LOGGERS):
+        if version is not None and not isinstance(version, str):
+            version = f"version_{version}"
+        return _LogCheckpointDir(_versioned_root(init_args, default_root), version, True)
+    if class_path.endswith("WandbLogger"):  # <save_dir>/<project>/<run id>
+        project = init_args.get("project") or os.environ.get("WANDB_PROJECT") or "lightning_logs"
+        return _LogCheckpointDir(save_dir / project, version or init_args.get("id"), False)
+    # another logger: its name and version as the config gives them (best effort)
+    return _LogCheckpointDir(save_dir / str(init_args.get("name") or ""), version, False)
+
+
+def _newest_numbered_run(root: Path) -> tuple[int, Path] | None:
+    """The highest ``version_N`` under ``root`` with a ``checkpoints/last*.ckpt``, and that
+    checkpoint (the newest, if several)."""
+    runs = []
+    for path in root.glob("version_*/checkpoints/last*.ckpt"):
+        match = _VERSION_DIR.match(path.parent.parent.name)
+        if match and path.is_file():
+            runs.append((int(match.group(1)), path.stat().st_mtime, path))
+    if not runs:
+        return None
+    version, _, path = max(runs)
+    return version, path
+
+
+def _last_checkpoints(directory: Path) -> list[Path]:
+    return [path for path in directory.glob("last*.ckpt") if path.is_file()]
+
+
+def _find_last_checkpoint(trainer_config: Any) -> tuple[Path | None, list[str]]:
+    """What ``--ckpt_path last`` means for ``validate``/``test``/``predict``: the newest
+    ``last*.ckpt`` where this configuration's checkpoints are written, and the places searched.
+
+    Each fixed ModelCheckpoint ``dirpath`` is searched as Lightning would; the logger's
+    directory as well, but where every run gets a new one (``version_N`` of a logger with no
+    fixed version, a new W&B run id) the newest run with a last checkpoint is taken instead of
+    the new, empty directory that Lightning would look in."""
+    fixed, in_log_dir = _checkpoint_dirpaths(trainer_config)
+    candidates: list[Path] = []
+    searched: list[str] = []
+    for directory in fixed:
+        searched.append(str(directory))
+        candidates += _last_checkpoints(directory)
+    if in_log_dir:
+        where = _log_checkpoint_dir(trainer_config)
+        if where.version is not None:
+            directory = where.root / where.version / "checkpoints"
+            searched.append(str(directory))
+            candidates += _last_checkpoints(directory)
+        elif where.numbered:
+            searched.append(str(where.root / "version_*" / "checkpoints"))
+            newest = _newest_numbered_run(where.root)
+            if newest is not None:
+                candidates.append(newest[1])
+        else:
+            searched.append(str(where.root / "*" / "checkpoints"))
+            candidates += [p for p in where.root.glob("*/checkpoints/last*.ckpt") if p.is_file()]
+    if not candidates:
+        return None, searched
+    return max(candidates, key=lambda path: path.stat().st_mtime), searched
+
+
+def _fit_command(config: Any) -> str:
+    configs = [str(path) for path in config.get("config") or []]
+    return " ".join(["scl fit", *(f"--config {path}" for path in configs)])
+
+
+def _resolve_checkpoint_to_evaluate(config: Any, subcommand: str) -> None:
+    """``validate``/``test``/``predict`` evaluate a trained model, never a freshly initialized
+    one: without ``--ckpt_path``, or with ``--ckpt_path last`` and no last checkpoint, they stop
+    with one line before anything is built or written. ``last`` is resolved to a file
+    (:func:`_find_last_checkpoint`); ``best``, ``hpc``, ``registry`` and URLs are left to
+    Lightning.
+
+    Unlike ``fit --ckpt_path last``, the logger is not pointed at the run the checkpoint comes
+    from: the evaluation logs into a new run directory of its own, so the training run's
+    ``config.yaml`` and ``metrics.csv`` stay as the training left them (Lightning's
+    SaveConfigCallback would refuse to start next to the existing ``config.yaml``, and Lightning's
+    CSVLogger would delete the existing ``metrics.csv``)."""
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path is None or not str(ckpt_path).strip():
+        raise CheckpointError(
+            f"scl {subcommand} needs a trained model: pass --ckpt_path PATH (a checkpoint file) "
+            "or --ckpt_path last (the latest checkpoint of this recipe's runs)"
+        )
+    if ckpt_path != "last":
+        return
+    path, searched = _find_last_checkpoint(config.trainer)
+    if path is None:
+        raise CheckpointError(
+            f"scl {subcommand} --ckpt_path last: no checkpoint (last*.ckpt) under "
+            f"{' or '.join(searched)}; train first with `{_fit_command(config)}`, or pass "
+            "--ckpt_path PATH (a checkpoint file)"
+        )
+    load_checkpoint(path)  # a damaged file: one line now, before anything is built
+    config.ckpt_path = str(path)
+    rank_zero_info(f"scl: {subcommand} with {path}")
+
+
+def _resolve_last_checkpoint(config: Any) -> None:
+    """``--ckpt_path last`` continues the latest run of the recipe, in its own directory.
+
+    Lightning looks for ``last`` in the checkpoint directory of the run it is starting, which for
+    a versioned logger (``runs/<name>/version_N``) is a new, empty directory, so it would start
+    from scratch. Here the highest ``version_N`` with a ``checkpoints/last*.ckpt`` is picked, the
+    logger is pointed at that version (logs continue in the same directory) and ``ckpt_path`` is
+    set to the file. With no checkpoint yet (the first launch of a requeued job) the run starts
+    fresh, and says so. A fixed logger version or checkpoint ``dirpath`` is left to Lightning.
+    """
+    if config.get("ckpt_path") != "last":
+        return
+    if _checkpoint_dirpaths(config.trainer)[0]:
+        return  # a fixed checkpoint directory: Lightning finds `last` there itself
+    loggers = _logger_configs(config.trainer)
+    if not loggers or not str(loggers[0].get("class_path", "")).endswith(_VERSIONED_LOGGERS):
+        return
+    where = _log_checkpoint_dir(config.trainer)
+    if where.version is not None:
+        return
+    root = where.root
+    newest = _newest_numbered_run(root)
+    if newest is None:
+        rank_zero_info(
+            f"scl: --ckpt_path last: no checkpoint under {root}/version_*/checkpoints yet; "
+            "starting a new run"
+        )
+        config.ckpt_path = None
+        return
+    version, path = newest
+    default_root = Path(config.trainer.get("default_root_dir") or ".")
+    for logger in loggers:
+        init_args = logger.init_args
+        if (
+            str(logger.get("class_path", "")).endswith(_VERSIONED_LOGGERS)
+            and _versioned_root(init_args, default_root) == root
+        ):
+            init_args.version = version
+    config.ckpt_path = str(path)
+    rank_zero_info(f"scl: resuming from {path}")
+
+
+class SCLCLI(LightningCLI):
+    """LightningCLI for SCL runs that last days on preemptible clusters.
+
+    - The data module's ``num_classes``/``input_shape`` are linked into the model.
+    - Every subcommand saves and loads checkpoints through
+      :class:`~scl_lightning.experiment.checkpoint.SafeCheckpointIO` (atomic saves, ``weights_only``
+      loads); ``--ckpt_path`` is checked first, and the model is built from the configuration,
+      not from the checkpoint's stored hyper-parameters.
+    - ``fit`` adds :class:`~scl_lightning.experiment.RunSummary`,
+      :class:`~scl_lightning.experiment.ExactResume` and
+      :class:`~scl_lightning.experiment.StopOnNonFinite`; ``--ckpt_path last`` resumes the latest
+      versioned run in its own directory; a new run never starts in a directory that holds
+      another run.
+    - ``validate``, ``test`` and ``predict`` need ``--ckpt_path`` (they never evaluate a freshly
+      initialized model); ``--ckpt_path last`` is the newest last checkpoint of the recipe's
+      runs, and when there is none they stop with one line before anything is written.
+    - With a W&B logger, the config is saved with the run (:class:`SaveConfigToWandb`) and
+      :class:`~scl_lightning.experiment.WandbArtifacts` is added on ``fit``.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` (weights_only, one-line error for a missing or damaged file),
+        but build the model from the given configuration.
+
+        Lightning's LightningCLI replaces the model arguments by the hyper-parameters stored in
+        the checkpoint, so ``--model.lam 4e-5 --ckpt_path ...`` would silently resume with the
+        old ``lam`` and ``--model.backbone resnet20`` with the old network. Here what is on the
+        command line and in the configs is what runs, and a checkpoint that does not fit it is
+        refused with one line (``SCLModule.on_load_checkpoint``)."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        path = self.config[subcommand].get("ckpt_path")
+        if path and str(path) not in _SPECIAL_CKPT_PATHS and "://" not in str(path):
+            load_checkpoint(path)
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand in _EVALUATE:
+            _resolve_checkpoint_to_evaluate(self.config[self.subcommand], self.subcommand)
+        if self.subcommand == "fit":
+            config = self.config["fit"]
+            _resolve_last_checkpoint(config)
+            # Lightning's CSVLogger deletes the metrics.csv of a directory it starts in (a resumed
+            # run's, or one given by a fixed version), before anything can check the directory
+            for logger in _logger_configs(config.trainer):
+                if logger.get("class_path") == _LIGHTNING_CSV_LOGGER:
+                    logger.class_path = "scl_lightning.experiment.loggers.CSVLogger"
+
+    def before_fit(self) -> None:
+        """Refuse to start where another run's files would be overwritten. Runs before
+        ``trainer.fit`` (so before any logger has created or touched its directory), on every
+        process, reading only."""
+        trainer = self.trainer
+        message = _occupied_output_message(
+            trainer, trainer.log_dir, self.config["fit"].get("ckpt_path")
+        )
+        if message:
+            raise OutputDirectoryError(message)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            # atomic saves and weights_only loads; a user's own CheckpointIO plugin is kept
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        if self.subcommand == "fit" and not any(isinstance(c, RunSummary) for c in callbacks):
+            callbacks.append(RunSummary())
+        if self.subcommand == "fit" and not any(isinstance(c, ExactResume) for c in callbacks):
+            callbacks.append(ExactResume())
+        if self.subcommand == "fit" and not any(isinstance(c, StopOnNonFinite) for c in callbacks):
+            callbacks.append(StopOnNonFinite())
+        if (
+            self.subcommand == "fit"
+            and any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
+            and not any(isinstance(c, WandbArtifacts) for c in callbacks)
+        ):
+            callbacks.append(WandbArtifacts())
+        return trainer
+
+
+def _parse_error_line(err: ArgumentError) -> str:
+    """jsonargparse's multi-line parse errors as one line."""
+    text = str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    key = re.match(r'Parser key "([^"]+)":\s*(.*)$', lines[0]) if lines else None
+    where = f"--{key.group(1)}: " if key else ""
+    class_path = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", text)
+    if class_path:
+        return f"{where}cannot import {class_path.group(1)!r} ({class_path.group(2).strip()})"
+    expected = re.search(r"Expected a <class '(\w+)'>\.? Got value: (.+)", text)
+    if expected:
+        return f"{where}expected a {expected.group(1)}, got {expected.group(2).strip()!r}"
+    given = re.search(r"Given value: (.+)", text)
+    if "Union subtypes" in text and given:
+        value = given.group(1).strip()
+        if "class_path" in text or "Expected a path" in text:
+            return (
+                f"{where}{value!r} is not an importable class (give its full import path, "
+                "e.g. scl_lightning.data.DigitsDataModule)"
+            )
+        return f"{where}{value!r} is not a valid value"
+    if key and key.group(2):  # the reason on the key's own line
+        return f"{where}{key.group(2)}"
+    rest = lines[1:] if key else lines
+    detail = "; ".join(line.lstrip("- ") for line in rest[:3])
+    return f"{where}{detail}" if detail else where.rstrip(": ") or "invalid arguments"
+
+
+#: errors a user can act on, reported as one line; anything else is a bug and keeps its traceback
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, CheckpointError)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``scl`` command.
+
+    Errors a user can act on (a bad argument value, a missing file, a checkpoint that does not
+    fit the model, a run stopped by a NaN) end in one line, ``scl: error: ...``, and a non-zero
+    exit status: 2 for bad input, 1 for a run stopped during training. Set ``SCL_DEBUG=1`` for
+    the traceback. ``scl report RUN_DIR`` is handed to
+    :func:`scl_lightning.experiment.report.main`.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["report"]:
+        from scl_lightning.experiment.report import main as report_main
+
+        raise SystemExit(report_main(argv[1:]))
+    try:
+        SCLCLI(
+            SCLModule,
+            LightningDataModule,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            save_config_callback=SaveConfigToWandb,
+            parser_kwargs={
+                "description": "Sparse Connectivity Learning with Lightning. Also: "
+                "`scl report RUN_DIR` writes plots and a Markdown summary of a finished run.",
+                "exit_on_error": False,
+            },
+            args=args,
+        )
+    except ArgumentError as err:
+        if os.environ.get("SCL_DEBUG"):
+            raise
+        command = f"scl {argv[0]}" if argv and not argv[0].startswith("-") else "scl"
+        print(f"scl: error: {_parse_error_line(err)} (see {command} --help)", file=sys.stderr)
+        raise SystemExit(2) from None
+    except _USER_ERRORS as err:
+        if os.environ.get("SCL_DEBUG"):
+            raise
+        print(f"scl: error: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (NonFiniteError, RankDivergenceError) as err:
+        if os.environ.get("SCL_DEBUG"):
+            raise
+        print(f"scl: error: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    return text or type(err).__name__
+
+
+if __name__ == "__main__":
+    main()

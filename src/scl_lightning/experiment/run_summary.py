@@ -1,0 +1,226 @@
+"""RunSummary: a table on the terminal and summary.json in the run directory at the end of fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from scl_lightning._utils import next_free_path
+from scl_lightning.nn.flops import example_from_batch, flop_counts
+from scl_lightning.nn.stats import connectivity
+
+__all__ = ["RunSummary", "format_summary"]
+
+
+def _metric(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    if isinstance(value, Tensor):
+        return float(value.detach().cpu()) if value.numel() == 1 else None
+    return None if value is None else float(value)
+
+
+#: spellings of the validation accuracy and loss looked for, in order, when not given
+_VAL_ACC_KEYS = ("val/acc", "val_acc", "val/accuracy", "val_accuracy", "valid/acc", "val/acc1")
+_VAL_LOSS_KEYS = ("val/loss", "val_loss", "valid/loss", "validation_loss")
+
+
+def _first_present(metrics: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    return next((k for k in keys if k in metrics), None)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The terminal table of a summary dict (global figures, then one row per layer)."""
+
+    def fmt(key: str, v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float) and key.endswith("_s"):
+            return f"{v:.1f}"
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    keys = [
+        "val_acc",
+        "val_loss",
+        "sparsity",
+        "active_connections",
+        "total_connections",
+        "dense_flops",
+        "effective_flops",
+        "epochs",
+        "train_time_s",
+        "seed",
+    ]
+    width = max(len(k) for k in keys)
+    lines = ["SCL run summary", "-" * 40]
+    lines += [f"{k:<{width}}  {fmt(k, summary.get(k))}" for k in keys if k in summary]
+    layers = summary.get("layers") or []
+    if layers:
+        name_w = max(5, *(len(layer["name"]) for layer in layers))
+        lines += [
+            "",
+            f"{'layer':<{name_w}}  {'shape':<18} {'active':>10} {'total':>10} {'sparsity':>9}",
+        ]
+        for layer in layers:
+            shape = "x".join(str(s) for s in layer["shape"])
+            lines.append(
+                f"{layer['name']:<{name_w}}  {shape:<18} {layer['active']:>10,} "
+                f"{layer['total']:>10,} {layer['sparsity']:>9.4f}"
+            )
+    return "\n".join(lines)
+
+
+class RunSummary(Callback):
+    """At the end of ``fit``, print a summary table and write it as JSON in the run directory.
+
+    The JSON holds ``val_acc``, ``val_loss`` (and ``val_acc_top5`` when logged), ``sparsity``,
+    ``active_connections``, ``total_connections`` (over the masked layers, as
+    :class:`~scl_lightning.nn.Connectivity` defines them), ``sparsity_including_dense``,
+    ``dense_flops`` and ``effective_flops`` (one sample, fvcore's convention; the same trace as
+    :class:`~scl_lightning.callbacks.SparsityMonitor`'s), ``seed`` (from ``seed_everything``),
+    ``epochs``, ``global_step``, ``train_time_s``, ``metrics`` (every scalar ``val*``/``test*``
+    metric the module logged, under its own name) and one entry per maskable layer. Dense models
+    report sparsity 0. The run directory is ``trainer.log_dir`` (the first logger's version
+    directory); an existing file is never overwritten: a numbered name is used instead.
+
+    ``val_acc`` and ``val_loss`` are read from ``val_acc_key`` and ``val_loss_key``, or, when
+    those are not given, from the first of the usual spellings the module logged (``val/acc``,
+    ``val_acc``, ``val/accuracy``, ...; ``val/loss``, ``val_loss``, ...), so other people's
+    modules get them too; ``None`` when the module logs none of them.
+
+    Args:
+        filename: name of the JSON file, e.g. ``summary.json``.
+        print_table: print the table on rank zero.
+        val_acc_key: the logged key of the validation accuracy (``None``: look for it).
+        val_loss_key: the logged key of the validation loss (``None``: look for it).
+
+    Raises:
+        ValueError: if ``filename`` does not end in ``.json`` or contains a directory.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(callbacks=[RunSummary()], logger=False)
+    """
+
+    def __init__(
+        self,
+        filename: str = "summary.json",
+        print_table: bool = True,
+        val_acc_key: str | None = None,
+        val_loss_key: str | None = None,
+    ) -> None:
+        if (
+            not isinstance(filename, str)
+            or not filename.endswith(".json")
+            or Path(filename).name != filename
+        ):
+            raise ValueError(f"filename must be a bare file name ending in .json, got {filename!r}")
+        for name, key in (("val_acc_key", val_acc_key), ("val_loss_key", val_loss_key)):
+            if key is not None and (not isinstance(key, str) or not key):
+                raise ValueError(f"{name} must be a logged metric's name or None, got {key!r}")
+        self.filename = filename
+        self.print_table = print_table
+        self.val_acc_key = val_acc_key
+        self.val_loss_key = val_loss_key
+        self.path: Path | None = None
+        self.summary: dict[str, Any] | None = None
+        self._example: Tensor | None = None
+        self._start = 0.0
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._example is None:
+            example = example_from_batch(batch)
+            self._example = example.detach().clone() if example is not None else None
+
+    def build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The summary dict for the module's current state and the trainer's last metrics."""
+        metrics = dict(trainer.callback_metrics)
+        conn = connectivity(pl_module)
+        dense_flops = effective_flops = None
+        layer_flops: dict[str, int] = {}
+        example = pl_module.example_input_array
+        if not isinstance(example, Tensor):
+            example = self._example
+        if example is not None and conn.layers:
+            try:
+                counts = flop_counts(pl_module, example.to(pl_module.device))
+                dense_flops = counts.total
+                effective_flops, _ = counts.effective(conn.densities())
+                layer_flops = counts.layers
+            except Exception as err:  # other people's modules may not trace
+                rank_zero_warn(f"RunSummary: FLOPs tracing failed ({type(err).__name__}: {err})")
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        acc_key = self.val_acc_key or _first_present(metrics, _VAL_ACC_KEYS)
+        loss_key = self.val_loss_key or _first_present(metrics, _VAL_LOSS_KEYS)
+        summary: dict[str, Any] = {
+            "val_acc": _metric(metrics, acc_key) if acc_key else None,
+            "val_loss": _metric(metrics, loss_key) if loss_key else None,
+        }
+        if "val/acc_top5" in metrics:
+            summary["val_acc_top5"] = _metric(metrics, "val/acc_top5")
+        summary.update(
+            sparsity=conn.sparsity,
+            active_connections=conn.active,
+            total_connections=conn.total,
+            sparsity_including_dense=conn.sparsity_including_dense,
+            dense_flops=dense_flops,
+            effective_flops=effective_flops,
+            seed=int(seed) if seed is not None else None,
+            epochs=trainer.current_epoch,
+            global_step=trainer.global_step,
+            train_time_s=round(time.perf_counter() - self._start, 2) if self._start else None,
+            metrics={
+                key: value
+                for key in sorted(metrics)
+                if key.startswith(("val", "test")) and (value := _metric(metrics, key)) is not None
+            },
+            layers=[
+                {
+                    "name": c.name,
+                    "shape": list(c.shape),
+                    "active": c.active,
+                    "total": c.total,
+                    "sparsity": c.sparsity,
+                    "masked": c.masked,
+                    "dense_flops": layer_flops.get(c.name),
+                }
+                for c in conn.layers
+            ],
+        )
+        return summary
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # `trainer.log_dir` broadcasts from rank zero: every rank must read it (under DDP a rank
+        # that returned first would leave rank zero waiting or failing).
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero:
+            return
+        self.summary = self.build(trainer, pl_module)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = next_free_path(directory / self.filename)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.summary, indent=2) + "\n")
+        tmp.replace(self.path)
+        if self.print_table:
+            print(f"\n{format_summary(self.summary)}\n\nsummary written to {self.path}")
