@@ -603,6 +603,8 @@ def test_default_optimizer_is_not_fused_where_torch_has_no_fused_kernel():
     assert _fusable([nn.Parameter(torch.zeros(2))])
     assert not _fusable([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, device="meta"))])
     assert not _fusable([])
+    assert not _fusable([nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))])  # bf16-true
+    assert _fusable([nn.Parameter(torch.zeros(2, dtype=torch.float64))])
 
 
 def test_logger_only_values_are_logged_at_lightnings_logging_steps_only(tmp_path):

@@ -5,9 +5,10 @@ Networks whose connections are pruned automatically while they learn: each weigh
 on ``task loss + lambda * (number of active connections)`` (Tang et al., arXiv 2201.05020).
 """
 
+from typing import Any
+
 from scl_lightning import callbacks
 from scl_lightning.deploy import load_pruned, save_pruned
-from scl_lightning.experiment.checkpoint import SafeCheckpointIO, load_checkpoint
 from scl_lightning.module import SCLModule
 from scl_lightning.nn import (
     connection_count,
@@ -19,6 +20,21 @@ from scl_lightning.nn import (
 )
 
 __version__ = "0.1.0"
+
+#: experiment tooling offered at the top level, imported on first use: the package's layers
+#: (nn, callbacks, the module) never import ``experiment/``, and neither does this facade
+_LAZY = {
+    "SafeCheckpointIO": "scl_lightning.experiment.checkpoint",
+    "load_checkpoint": "scl_lightning.experiment.checkpoint",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'scl_lightning' has no attribute {name!r}")
 
 __all__ = [
     "SCLModule",

@@ -14,9 +14,10 @@ Tolerances on the final global sparsity, against the same run in fp32 (3 epochs 
   one step of zero may land on the other side; measured differences are below 0.005.
 * ``bf16-true``: 0.06. The weights themselves are stored and updated in bfloat16, so weight
   updates below 2**-8 of a weight round away and the network trained is a different one; the
-  masks are kept in float32 (they move). Measured: 0.5587 against 0.5215 with torch's fused
-  SGD, whose bfloat16 weight update rounds differently, and 0.5211 with the foreach SGD (see
-  docs/BENCHMARKS.md, "Precision").
+  masks are kept in float32 (they move). Measured on the drop-in with the user's fused SGD:
+  0.5883 against 0.6372 (torch's fused SGD trains bfloat16 weights much worse: 0.79 validation
+  accuracy against 0.94; SCLModule's default SGD is therefore not fused on 16-bit weights), and
+  within 0.001 with the foreach SGD (docs/BENCHMARKS.md, "Precision").
 """
 
 import functools
@@ -104,7 +105,10 @@ def _fit(face: str, fused: bool, precision: str) -> tuple[float, bool, torch.dty
         trainer.fit(module, DigitsDataModule())
     masks = [m for n, m in module.named_parameters() if n.endswith("mask")]
     if face == "module":
-        assert trainer.optimizers[0].defaults.get("fused") is (True if fused else None)
+        # the default SGD is fused, except on 16-bit weights (bf16-true), where torch's fused
+        # kernel trains much worse (bench/precision.py)
+        expect_fused = fused and precision != "bf16-true"
+        assert trainer.optimizers[0].defaults.get("fused") is (True if expect_fused else None)
     moved = all(not torch.all(m == 1.0) for m in masks)
     return global_sparsity(module), moved, masks[0].dtype
 

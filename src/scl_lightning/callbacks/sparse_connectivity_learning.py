@@ -205,7 +205,7 @@ class SparseConnectivityLearning(Callback):
         counts = [layer.forward_count() for layer in layers]
         dtype = torch.float64 if any(c.dtype == torch.float64 for c in counts) else torch.float32
         count = torch.stack([c.to(dtype) for c in counts]).sum()
-        total = sum(layer.mask.numel() for layer in layers)
+        total = self._total if network is None else sum(layer.mask.numel() for layer in layers)
         term = self.lam * (count / total if self.penalty == "density" else count)
         return count, term
 
