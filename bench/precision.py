@@ -31,9 +31,7 @@ def run(face: str, fused: bool, precision: str, epochs: int, lam: float) -> dict
     class PlainMLP(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = nn.Sequential(
-                nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)
-            )
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x)

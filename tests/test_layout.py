@@ -52,9 +52,7 @@ def _shim(path: Path) -> bool:
 
 
 def test_only_experiment_imports_experiment():
-    outside = [
-        f for f in _files() if "experiment" not in f.relative_to(SRC).parts and not _shim(f)
-    ]
+    outside = [f for f in _files() if "experiment" not in f.relative_to(SRC).parts and not _shim(f)]
     assert outside
     assert _importing(outside, "scl_lightning.experiment") == []
 
