@@ -33,7 +33,12 @@ from typing_extensions import override
 from scl_lightning._utils import is_int
 
 from ._archive import ArchiveError, check_md5, download_file, restricted_pickle_load, safe_extract
-from .sampling import EpochShuffleSampler, global_seed, resumable_loader_kwargs
+from .sampling import (
+    EpochShuffleSampler,
+    accelerator_available,
+    global_seed,
+    resumable_loader_kwargs,
+)
 from .transforms import BatchAugment
 
 __all__ = [
@@ -58,13 +63,6 @@ def _keep_batch(batch: Any) -> Any:
     Module-level so that DataLoader worker processes can pickle it.
     """
     return batch
-
-
-def _accelerator_available() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None:
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()  # pragma: no cover - torch < 2.6
 
 
 class InMemoryImageDataset(Dataset[tuple[Tensor, Tensor]]):
@@ -465,7 +463,7 @@ class CIFARDataModule(LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             collate_fn=_keep_batch,
-            pin_memory=self.pin_memory and _accelerator_available(),
+            pin_memory=self.pin_memory and accelerator_available(),
             drop_last=False,
             **resumable_loader_kwargs(
                 dataset, shuffle=train, seed=self._train_seed(), num_workers=self.num_workers

@@ -11,7 +11,13 @@ import numpy as np
 import torch
 from torch.utils.data import RandomSampler
 
-__all__ = ["EpochShuffleSampler", "global_seed", "loader_generator", "resumable_loader_kwargs"]
+__all__ = [
+    "EpochShuffleSampler",
+    "accelerator_available",
+    "global_seed",
+    "loader_generator",
+    "resumable_loader_kwargs",
+]
 
 
 def global_seed() -> int:
@@ -106,3 +112,12 @@ def resumable_loader_kwargs(
         "num_workers": num_workers,
         "persistent_workers": num_workers > 0,
     }
+
+
+def accelerator_available() -> bool:
+    """Whether an accelerator (CUDA, MPS, XPU...) is present: pinned host memory only helps
+    copies to one, and warns without one."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()  # pragma: no cover - torch < 2.6

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scl_lightning._utils import is_int
+
 __all__ = [
     "BatchAugment",
     "crop_at",
@@ -42,10 +44,6 @@ def _check_batch(x: Tensor) -> tuple[int, int, int, int]:
     return n, c, h, w
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _crop_geometry(
     x: Tensor, size: int | Sequence[int] | None, padding: int
 ) -> tuple[int, int, int, int]:
@@ -54,9 +52,9 @@ def _crop_geometry(
     if size is None:
         size = (h, w)
     pair: tuple[object, ...] = (size, size) if isinstance(size, int) else tuple(size)
-    if len(pair) != 2 or not all(_is_int(s) and s > 0 for s in pair):  # type: ignore[operator]
+    if len(pair) != 2 or not all(is_int(s) and s > 0 for s in pair):  # type: ignore[operator]
         raise ValueError(f"size must be a positive int or a pair of them, got {size!r}")
-    if not _is_int(padding) or padding < 0:
+    if not is_int(padding) or padding < 0:
         raise ValueError(f"padding must be a non-negative integer, got {padding!r}")
     ch, cw = int(pair[0]), int(pair[1])  # type: ignore[call-overload]
     hp, wp = h + 2 * padding, w + 2 * padding
@@ -197,7 +195,7 @@ def _cutout(x: Tensor, cy: Tensor, cx: Tensor, size: int, value: float) -> Tenso
 
 
 def _check_cutout_size(size: int) -> None:
-    if not _is_int(size) or size < 0:
+    if not is_int(size) or size < 0:
         raise ValueError(f"size must be a non-negative integer, got {size!r}")
 
 
@@ -330,13 +328,13 @@ class BatchAugment(nn.Module):
             raise ValueError(f"mean and std need as many values, got {m.numel()} and {s.numel()}")
         if bool((s <= 0).any()):
             raise ValueError(f"std must be positive, got {s.tolist()}")
-        if not _is_int(crop_padding) or crop_padding < 0:
+        if not is_int(crop_padding) or crop_padding < 0:
             raise ValueError(f"crop_padding must be a non-negative integer, got {crop_padding!r}")
-        if crop_size is not None and (not _is_int(crop_size) or crop_size < 1):
+        if crop_size is not None and (not is_int(crop_size) or crop_size < 1):
             raise ValueError(f"crop_size must be None or a positive integer, got {crop_size!r}")
         if not isinstance(flip, bool):
             raise ValueError(f"flip must be True or False, got {flip!r}")
-        if not _is_int(cutout) or cutout < 0:
+        if not is_int(cutout) or cutout < 0:
             raise ValueError(f"cutout must be a non-negative integer, got {cutout!r}")
         self.register_buffer("mean", m, persistent=False)
         self.register_buffer("std", s, persistent=False)

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
+from ._checks import check_positive_int
 from .registry import register_model
 
 __all__ = ["SmallCNN"]
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class SmallCNN(nn.Module):
@@ -49,8 +44,8 @@ class SmallCNN(nn.Module):
         channels: Sequence[int] = (16, 32),
     ) -> None:
         super().__init__()
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("num_classes", num_classes)
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("num_classes", num_classes)
         if (
             isinstance(channels, (str, bytes))
             or not isinstance(channels, Sequence)
@@ -60,7 +55,7 @@ class SmallCNN(nn.Module):
                 f"channels must be a non-empty sequence of positive integers, got {channels!r}"
             )
         for c in channels:
-            _check_positive_int("every entry of channels", c)
+            check_positive_int("every entry of channels", c)
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.channels = tuple(channels)

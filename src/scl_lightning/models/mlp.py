@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
+from ._checks import check_positive_int
 from .registry import register_model
 
 __all__ = ["LeNet300100"]
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class LeNet300100(nn.Module):
@@ -49,12 +44,12 @@ class LeNet300100(nn.Module):
         hidden: Sequence[int] = (300, 100),
     ) -> None:
         super().__init__()
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("num_classes", num_classes)
+        check_positive_int("in_features", in_features)
+        check_positive_int("num_classes", num_classes)
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
             raise ValueError(f"hidden must be a sequence of positive integers, got {hidden!r}")
         for width in hidden:
-            _check_positive_int("every hidden width", width)
+            check_positive_int("every hidden width", width)
         self.in_features = in_features
         self.num_classes = num_classes
         self.hidden = tuple(hidden)

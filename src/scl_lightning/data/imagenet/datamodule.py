@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from scl_lightning._utils import is_int
 
-from ..sampling import global_seed, resumable_loader_kwargs
+from ..sampling import accelerator_available, global_seed, resumable_loader_kwargs
 from .dataset import ImageFolderDataset, _ImageFolderLoader
 from .folders import _count_class_dirs, _require_dir, _scan_split, _split_classes
 from .pipelines import _PILPipeline, _torchvision_import_error, _TorchvisionPipeline
@@ -46,13 +46,6 @@ def _channel_stats(name: str, values: Any, positive: bool) -> tuple[float, float
 
 def _few(names: Sequence[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
-
-
-def _accelerator_available() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None:
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()  # pragma: no cover - torch < 2.6
 
 
 class ImageNetDataModule(LightningDataModule):
@@ -298,7 +291,7 @@ class ImageNetDataModule(LightningDataModule):
         return _ImageFolderLoader(
             dataset,
             batch_size=self.batch_size,
-            pin_memory=self.pin_memory and _accelerator_available(),
+            pin_memory=self.pin_memory and accelerator_available(),
             **resumable_loader_kwargs(
                 dataset, shuffle=shuffle, seed=global_seed(), num_workers=self.num_workers
             ),
