@@ -10,7 +10,9 @@ these variants of the same network:
 - **SCL**: ``SCLModule`` with masked layers and the connection penalty, plus
   ``MaskGradientNormalization`` and ``SparsityMonitor`` at its default interval (the Trainer's
   ``log_every_n_steps``, 50);
-- **SCL, no monitor**: the same without ``SparsityMonitor``;
+- **SCL, no monitor**: the same without the Trainer's ``SparsityMonitor`` (since issue 11 the SCL
+  engine that ``SCLModule`` brings then logs with its own monitor, at the same interval, with
+  FLOPs, so this variant is no longer monitor-free: it measures SCL with the engine's defaults);
 - **plain module, dense**: a plain LightningModule (the backbone, cross-entropy, the same SGD; no
   metrics, unlike ``SCLModule``), the baseline of the drop-in;
 - **drop-in**: that plain module with the ``SparseConnectivityLearning`` callback (masks,
