@@ -107,3 +107,17 @@ class TinyClassifier(LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader()
+
+
+# -- the `scl` command -------------------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPE = str(CONFIGS / "digits_mlp.yaml")
+CSV = str(CONFIGS / "logger" / "csv.yaml")
+#: a few batches of one epoch: the cheapest `scl fit` that checkpoints and validates
+FAST = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2",
+    "--trainer.enable_progress_bar=false",
+]

@@ -369,23 +369,48 @@ def test_fit_with_sparsity_monitor_leaves_sparsity_to_it(tmp_path):
     assert "sparsity/model.layers.1" in trainer.callback_metrics
 
 
-@pytest.mark.parametrize("callbacks", [[], [MaskGradientNormalization("rms")]])
-def test_normalization_is_built_in_and_runs_once(tmp_path, callbacks):
-    """The engine normalizes mask gradients (SCLModule(mask_grad_norm="rms"), the default);
-    a MaskGradientNormalization callback in the Trainer is taken over, not run a second time,
-    so both runs are the same bit for bit."""
-    masks = []
-    for cbs in ([], callbacks):
-        torch.manual_seed(0)
-        module = SCLModule("lenet_300_100", lam=1e-3, mask_lr=0.1, constant_lr=True, **SMALL)
-        trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=list(cbs))
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            trainer.fit(module, DigitsDataModule())
-        assert not [w for w in record if "MaskGradientNormalization" in str(w.message)]
-        masks.append([m.detach().clone() for m in module.masks])
-    assert _same(*masks)
-    assert not torch.all(masks[0][0] == 1.0), "masks moved"
+def test_normalization_is_built_in(tmp_path):
+    """Masks learn with no MaskGradientNormalization callback (the engine normalizes; without
+    normalization the digits masks barely move) and nobody warns that one is missing."""
+    torch.manual_seed(0)
+    module = SCLModule("lenet_300_100", lam=1e-3, mask_lr=0.1, constant_lr=True, **SMALL)
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(module, DigitsDataModule())
+    assert not [w for w in record if "MaskGradientNormalization" in str(w.message)]
+    assert all(not torch.all(m == 1.0) for m in module.masks), "every layer's masks moved"
+
+
+def test_a_mask_gradient_normalization_callback_is_taken_over_not_run_twice(tmp_path, monkeypatch):
+    """With a MaskGradientNormalization in the Trainer, the engine normalizes (once per layer
+    and step, after adding the penalty) and the callback itself does nothing."""
+    import scl_lightning.callbacks.mask_grad_norm as mgn_module
+    import scl_lightning.callbacks.sparse_connectivity_learning as engine_module
+
+    calls = {"engine": 0, "callback": 0}
+
+    def counting(who, original):
+        def normalize(*args, **kwargs):
+            calls[who] += 1
+            return original(*args, **kwargs)
+
+        return normalize
+
+    monkeypatch.setattr(
+        engine_module,
+        "normalize_per_feature",
+        counting("engine", engine_module.normalize_per_feature),
+    )
+    monkeypatch.setattr(
+        mgn_module, "normalize_per_feature", counting("callback", mgn_module.normalize_per_feature)
+    )
+    callback = MaskGradientNormalization("rms")
+    module = SCLModule("lenet_300_100", lam=1e-3, constant_lr=True, **SMALL)
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(module, DigitsDataModule())
+    assert calls == {"engine": 3 * len(module.masks), "callback": 0}
+    assert callback._owner is None  # released at the end of fit: usable on its own again
 
 
 def test_mask_gradient_normalization_mode_overrides_the_engines(tmp_path):

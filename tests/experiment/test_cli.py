@@ -6,18 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from _helpers import CONFIGS, CSV, FAST, RECIPE
 from scl_lightning.experiment.cli import main
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-RECIPE = str(CONFIGS / "digits_mlp.yaml")
 DENSE = str(CONFIGS / "digits_mlp_dense.yaml")
-CSV = str(CONFIGS / "logger" / "csv.yaml")
-FAST = [
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=3",
-    "--trainer.limit_val_batches=2",
-    "--trainer.enable_progress_bar=false",
-]
 REQUIRED = {
     "val_acc",
     "sparsity",

@@ -8,17 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import CSV, FAST, RECIPE
 from scl_lightning.experiment.cli import main
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-RECIPE = str(CONFIGS / "digits_mlp.yaml")
-CSV = str(CONFIGS / "logger" / "csv.yaml")
-FAST = [
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=3",
-    "--trainer.limit_val_batches=2",
-    "--trainer.enable_progress_bar=false",
-]
 EVAL = [
     "--trainer.limit_val_batches=2",
     "--trainer.limit_test_batches=2",

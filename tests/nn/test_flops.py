@@ -262,3 +262,14 @@ def test_effective_from_connectivity_end_to_end():
     total, per_layer = counts.effective(fractions)
     assert per_layer == {"fc1": 9600.0, "fc2": 30000.0, "out": 0.0}
     assert total == 39_600
+
+
+def test_flop_counts_traces_one_sample_in_the_models_dtype():
+    """An fp32 batch against a bfloat16 model (``bf16-true`` converts the model, not the
+    example input) is traced as one sample, in the model's dtype: fvcore failed on the dtype."""
+    from scl_lightning.nn.flops import flop_counts
+
+    model = sparsify(MLP()).to(torch.bfloat16)
+    counts = flop_counts(model, torch.randn(8, 64))
+    assert counts == FlopCounts(50_200, MLP_LAYERS)
+    assert flop_counts(model, torch.randn(4, 64)) is counts  # traced once per shape

@@ -188,25 +188,19 @@ class SparseConnectivityLearning(Callback):
         return self._total
 
     @torch.no_grad()
-    def penalty_value(self, network: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    def penalty_value(self) -> tuple[Tensor, Tensor]:
         """``(C, lam * C)`` (or ``lam * C / N`` with ``penalty="density"``) for the latest
         forward pass, detached: ``C`` counts the connections that pass used
         (:meth:`~scl_lightning.nn.MaskedLayer.forward_count`), at no extra pass over the masks.
         The penalty's gradient is not taken from this value but added by the engine before the
-        optimizer step. ``network`` defaults to the layers found in ``setup``."""
-        layers = (
-            [layer for _, layer in masked_modules(network)]
-            if network is not None
-            else list(self._layers.values())
-        )
-        if not layers:
+        optimizer step."""
+        if not self._layers:
             zero = torch.zeros(())
             return zero, zero
-        counts = [layer.forward_count() for layer in layers]
+        counts = [layer.forward_count() for layer in self._layers.values()]
         dtype = torch.float64 if any(c.dtype == torch.float64 for c in counts) else torch.float32
         count = torch.stack([c.to(dtype) for c in counts]).sum()
-        total = self._total if network is None else sum(layer.mask.numel() for layer in layers)
-        term = self.lam * (count / total if self.penalty == "density" else count)
+        term = self.lam * (count / self._total if self.penalty == "density" else count)
         return count, term
 
     def _network(self, pl_module: pl.LightningModule) -> nn.Module:

@@ -35,15 +35,6 @@ def _epoch_end_step(trainer: pl.Trainer) -> int:
     return max(int(stepped) - 1, 0)
 
 
-def _like_parameters(example: Tensor, module: pl.LightningModule) -> Tensor:
-    """``example`` on the module's device, and in its floating dtype when both are floating
-    (under ``bf16-true``/``64-true`` the module is converted; an example input is not)."""
-    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
-    if dtype is not None and example.is_floating_point():
-        return example.to(module.device, dtype)
-    return example.to(module.device)
-
-
 class SparsityMonitor(Callback):
     """Log global and layerwise sparsity, and dense and effective FLOPs, during training.
 
@@ -211,7 +202,7 @@ class SparsityMonitor(Callback):
         try:
             # one sample's FLOPs, even when example_input_array is a batch; traced once per
             # model and input shape, and shared with the run summary
-            self.flop_counts = flop_counts(pl_module, _like_parameters(example, pl_module))
+            self.flop_counts = flop_counts(pl_module, example)
         except Exception as err:  # tracing other people's modules can fail in many ways
             self._flops_failed = True
             rank_zero_warn(

@@ -163,7 +163,7 @@ class RunSummary(Callback):
             example = self._example
         if example is not None and conn.layers:
             try:
-                counts = flop_counts(pl_module, example.to(pl_module.device))
+                counts = flop_counts(pl_module, example)
                 dense_flops = counts.total
                 effective_flops, _ = counts.effective(conn.densities())
                 layer_flops = counts.layers

@@ -129,11 +129,18 @@ def flop_counts(model: nn.Module, example_input: Tensor) -> FlopCounts:
     """:func:`count_flops` for one sample, traced once per model and input shape.
 
     ``example_input`` may be a batch: its first sample is traced, so the counts are always one
-    sample's. Dense FLOPs depend on the architecture and the input shape only (never on the
-    masks), so every consumer in a run (:class:`~scl_lightning.callbacks.SparsityMonitor`, the
-    run summary) shares one fvcore trace.
+    sample's; it is moved to the model's device and floating dtype first. Dense FLOPs depend on
+    the architecture and the input shape only (never on the masks), so every consumer in a run
+    (:class:`~scl_lightning.callbacks.SparsityMonitor`, the run summary) shares one fvcore
+    trace.
     """
     sample = example_input[:1] if example_input.dim() > 0 else example_input
+    # on the model's device, and in its floating dtype: under `bf16-true`/`64-true` the model is
+    # converted, an example input (`example_input_array`, a kept batch) is not
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is not None:
+        dtype = param.dtype if sample.is_floating_point() else sample.dtype
+        sample = sample.to(param.device, dtype)
     key = (tuple(sample.shape), sample.dtype, str(sample.device))
     cache = _TRACED.setdefault(model, {})
     if key not in cache:
