@@ -238,3 +238,10 @@ def test_tracing_failure_only_warns(tmp_path):
 def test_invalid_filename(filename):
     with pytest.raises(ValueError, match=r"filename must be a bare file name ending in \.json"):
         RunSummary(filename)
+
+
+@pytest.mark.parametrize("kwargs", [{"val_acc_key": ""}, {"val_loss_key": 3}])
+def test_bad_metric_keys(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"{name} must be a logged metric's name or None"):
+        RunSummary(**kwargs)
