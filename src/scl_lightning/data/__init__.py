@@ -3,6 +3,7 @@
 from .cifar import CIFAR10DataModule, CIFAR100DataModule, CIFARDataModule
 from .digits import DigitsDataModule
 from .imagenet import ImageNetDataModule
+from .mnist import FashionMNISTDataModule, MNISTDataModule
 from .transforms import BatchAugment
 
 __all__ = [
@@ -11,5 +12,7 @@ __all__ = [
     "CIFAR100DataModule",
     "CIFARDataModule",
     "DigitsDataModule",
+    "FashionMNISTDataModule",
     "ImageNetDataModule",
+    "MNISTDataModule",
 ]

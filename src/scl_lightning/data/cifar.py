@@ -25,20 +25,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from scl_lightning._utils import is_int
 
 from ._archive import ArchiveError, check_md5, download_file, restricted_pickle_load, safe_extract
-from .sampling import (
-    EpochShuffleSampler,
-    accelerator_available,
-    global_seed,
-    resumable_loader_kwargs,
-)
+from ._memory import InMemoryDataModule, InMemoryImageDataset, holdout_split
+from .sampling import EpochShuffleSampler
 from .transforms import BatchAugment
 
 __all__ = [
@@ -57,56 +51,6 @@ def _is_bool(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_))
 
 
-def _keep_batch(batch: Any) -> Any:
-    """``collate_fn`` for datasets whose ``__getitems__`` already returns a collated batch.
-
-    Module-level so that DataLoader worker processes can pickle it.
-    """
-    return batch
-
-
-class InMemoryImageDataset(Dataset[tuple[Tensor, Tensor]]):
-    """Images and labels held in memory, fetched a whole batch at a time.
-
-    ``dataset[i]`` returns one ``(image, label)`` pair; ``dataset.__getitems__(indices)``, which
-    the DataLoader calls for each batch when it exists, returns the batch ``(images[indices],
-    labels[indices])`` already stacked, so pair it with a pass-through ``collate_fn``.
-
-    Args:
-        images: ``(N, C, H, W)`` tensor, typically ``uint8``.
-        labels: ``(N,)`` integer tensor.
-
-    Raises:
-        ValueError: If the shapes do not match.
-
-    Example::
-
-        >>> ds = InMemoryImageDataset(torch.zeros(5, 3, 2, 2, dtype=torch.uint8), torch.arange(5))
-        >>> x, y = ds.__getitems__([4, 0])
-        >>> x.shape, y.tolist()
-        (torch.Size([2, 3, 2, 2]), [4, 0])
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
-        if images.dim() != 4 or labels.dim() != 1 or len(images) != len(labels):
-            raise ValueError(
-                f"images must be (N, C, H, W) and labels (N,), got {tuple(images.shape)} and "
-                f"{tuple(labels.shape)}"
-            )
-        self.images = images
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.images[index], self.labels[index]
-
-    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return self.images.index_select(0, idx), self.labels.index_select(0, idx)
-
-
 def _str_keys(obj: Any) -> Any:
     """Python 3 pickles of the CIFAR format have bytes keys, Python 2 ones (read as latin-1) str."""
     if not isinstance(obj, dict):
@@ -114,7 +58,7 @@ def _str_keys(obj: Any) -> Any:
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-class CIFARDataModule(LightningDataModule):
+class CIFARDataModule(InMemoryDataModule):
     """Common base of :class:`CIFAR10DataModule` and :class:`CIFAR100DataModule`; use those.
 
     Images are ``uint8`` tensors ``(N, 3, 32, 32)`` in memory; batches leave the DataLoaders as
@@ -261,9 +205,7 @@ class CIFARDataModule(LightningDataModule):
         self.train_dataset: InMemoryImageDataset | None = None
         self.val_dataset: InMemoryImageDataset | None = None
         self.test_dataset: InMemoryImageDataset | None = None
-        # Augmentation RNG: one per (device, epoch), see _augment_generator.
-        self._aug_key: tuple[str, int, int, int] | None = None
-        self._aug_generator: torch.Generator | None = None
+        self._reset_augment_rng()
 
     @staticmethod
     def _check_stats(
@@ -438,8 +380,7 @@ class CIFARDataModule(LightningDataModule):
                         f"val_split={self.val_split} holds out all {len(y)} training images; "
                         f"use a smaller value"
                     )
-                perm = torch.from_numpy(np.random.default_rng(self.split_seed).permutation(len(y)))
-                val_idx, train_idx = perm[:num_val].sort().values, perm[num_val:].sort().values
+                train_idx, val_idx = holdout_split(len(y), num_val, self.split_seed)
                 self.val_dataset = InMemoryImageDataset(x[val_idx], y[val_idx])
                 x, y = x[train_idx], y[train_idx]
             self.train_dataset = InMemoryImageDataset(x, y)
@@ -447,101 +388,6 @@ class CIFARDataModule(LightningDataModule):
             self.test_dataset = InMemoryImageDataset(*self._load_batches(self.TEST_FILES))
             if not holdout:
                 self.val_dataset = self.test_dataset
-
-    # ------------------------------------------------------------ dataloaders
-
-    def _train_seed(self) -> int:
-        return self.seed if self.seed is not None else global_seed()
-
-    def _loader(self, dataset: InMemoryImageDataset | None, train: bool, split: str) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(
-                f"{type(self).__name__} has no {split} data yet: call setup() before asking for "
-                f"a dataloader"
-            )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            collate_fn=_keep_batch,
-            pin_memory=self.pin_memory and accelerator_available(),
-            drop_last=False,
-            **resumable_loader_kwargs(
-                dataset, shuffle=train, seed=self._train_seed(), num_workers=self.num_workers
-            ),
-        )
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        """Training batches ``(uint8 images, int64 labels)``, reshuffled every epoch."""
-        return self._loader(self.train_dataset, train=True, split="training")
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches in a fixed order: the test set, or the held-out part of training."""
-        return self._loader(self.val_dataset, train=False, split="validation")
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        """The official test set, in a fixed order."""
-        return self._loader(self.test_dataset, train=False, split="test")
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        """The official test set, in a fixed order."""
-        return self._loader(self.test_dataset, train=False, split="test")
-
-    # ------------------------------------------------------- batch transforms
-
-    def _augment_generator(
-        self, device: torch.device, rank: int, epoch: int, batch: int
-    ) -> torch.Generator:
-        """The augmentation RNG on ``device``, seeded for each batch from (seed, rank, epoch,
-        batch index in the epoch): ranks draw different noise, and a run resumed from any
-        checkpoint, even mid-epoch, draws the same noise as one never interrupted."""
-        key = (str(device), rank, epoch, batch)
-        if self._aug_generator is None or self._aug_key != key:
-            words = np.random.SeedSequence([self._train_seed(), rank, epoch, batch])
-            state = words.generate_state(2)
-            if self._aug_generator is None or self._aug_generator.device != device:
-                self._aug_generator = torch.Generator(device=device)
-            self._aug_generator.manual_seed(int(state[0]) | int(state[1]) << 32)
-            self._aug_key = key
-        return self._aug_generator
-
-    @override
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Turn a ``(uint8 images, labels)`` batch, already on the model's device, into float32
-        normalized images: augmented too while the Trainer is training, normalized only otherwise
-        (validation, test, predict, sanity check, or no Trainer attached). Anything else (such
-        as the model's float ``example_input_array``, which Lightning also sends through this
-        hook for its summary) passes unchanged."""
-        if not (
-            isinstance(batch, (list, tuple))
-            and len(batch) == 2
-            and isinstance(batch[0], Tensor)
-            and batch[0].dtype == torch.uint8
-        ):
-            return batch
-        x, y = batch
-        transform = self.batch_transform
-        if transform.mean.device != x.device:
-            transform.to(x.device)
-        trainer = self.trainer
-        training = bool(trainer is not None and trainer.training)
-        transform.train(training)
-        generator = None
-        if training and trainer is not None:
-            rank, epoch = trainer.global_rank, trainer.current_epoch
-            # index of the batch being transferred, restored by Lightning on resume
-            index = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            generator = self._augment_generator(x.device, rank, epoch, index)
-        batch = (transform(x, generator=generator), y)
-        # Lightning converts inputs for "*-true" precisions before the transfer, when they were
-        # still uint8: convert the float images now (a no-op for 32-true and *-mixed).
-        plugin = getattr(trainer, "precision_plugin", None)
-        if plugin is not None:
-            batch = plugin.convert_input(batch)
-        return batch
 
 
 class CIFAR10DataModule(CIFARDataModule):
