@@ -83,3 +83,10 @@ def test_importing_the_api_loads_no_experiment_tooling(module):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_baselines_are_callbacks_on_nn_only():
+    files = _files("baselines")
+    assert files
+    for layer in ("module", "experiment", "data", "models", "deploy"):
+        assert _importing(files, f"scl_lightning.{layer}") == [], layer
