@@ -27,7 +27,7 @@ TORCH_REQ := $(shell grep -m1 -E '^torch==' constraints.txt 2>/dev/null)
 # Only those that exist: git does not keep an empty bench/, and ruff reports a missing path.
 LINT_PATHS := $(wildcard src tests bench)
 
-.PHONY: help install train test test-full lint format bench clean distclean constraints
+.PHONY: help install data train test test-full lint format bench clean distclean constraints
 
 help: ## list the targets (default)
 	@echo "Usage: make <target> [CONFIG=path.yaml] [ARGS='extra arguments']"
@@ -47,6 +47,36 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -c constraints.txt "$(TORCH_REQ)"
 	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
 	@touch $@
+
+define DOWNLOAD_FMNIST
+import sys
+from scl_lightning.data import FashionMNISTDataModule as D
+d = D()
+try:
+    d.prepare_data()
+except (OSError, ValueError) as err:
+    sys.exit(f"error: could not install Fashion-MNIST ({err}); as root on Debian/Ubuntu, apt-get install dataset-fashion-mnist")
+print("Fashion-MNIST downloaded to", d.folder)
+endef
+export DOWNLOAD_FMNIST
+
+# Where Fashion-MNIST is found (empty when it is not): the DataModule's own search order.
+FIND_FMNIST := $(BIN)/python -c "from scl_lightning.data import FashionMNISTDataModule as D; print(D(download=False).folder or '')"
+
+data: $(STAMP) ## install Fashion-MNIST: Debian's dataset-fashion-mnist as root, else a checked download
+	@set -e; found=$$($(FIND_FMNIST)); \
+	if [ -n "$$found" ]; then echo "Fashion-MNIST is already installed in $$found"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's dataset-fashion-mnist (apt-get, as root)"; \
+	  if apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	     { apt-get update -qq >/dev/null 2>&1 && \
+	       apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }; then \
+	    found=$$($(FIND_FMNIST)); fi; \
+	  if [ -n "$$found" ]; then echo "Fashion-MNIST installed in $$found (Debian package)"; exit 0; fi; \
+	  echo "apt-get could not install dataset-fashion-mnist; downloading instead"; \
+	fi; \
+	echo "downloading Fashion-MNIST from the upstream URLs (checked by MD5)"; \
+	$(BIN)/python -c "$$DOWNLOAD_FMNIST"
 
 train: $(STAMP) ## train the recipe CONFIG (default configs/digits_mlp.yaml); ARGS passed to `scl fit`
 	$(BIN)/scl fit --config $(CONFIG) $(ARGS)

@@ -34,7 +34,64 @@ def test_the_issue_recipes_exist():
         "cifar10_resnet110",
         "cifar10_vgg16",
         "imagenet_resnet50",
+        "fmnist_lenet300",
+        "fmnist_lenet300_dense",
+        "fmnist_lenet5",
+        "fmnist_lenet5_dense",
     } <= names
+
+
+FMNIST_RECIPES = ["fmnist_lenet300", "fmnist_lenet5", "fmnist_lenet5_dense"]
+
+
+@pytest.mark.parametrize("recipe", FMNIST_RECIPES)
+def test_fmnist_recipe_without_the_data_is_one_line_saying_make_data(
+    workdir, capsys, monkeypatch, recipe
+):
+    from scl_lightning.data import FashionMNISTDataModule
+
+    monkeypatch.setattr(FashionMNISTDataModule, "SYSTEM_DIRS", ())
+    monkeypatch.setenv("SCL_DATA_DIR", str(workdir / "nothing"))
+    monkeypatch.setenv("HOME", str(workdir / "home"))
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(CONFIGS / f"{recipe}.yaml"), "--trainer.logger=false"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run `make data`" in err[0], err
+    assert not (workdir / "runs").exists() or not any((workdir / "runs").rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["fmnist_lenet300", "fmnist_lenet5"])
+def test_fmnist_recipe_trains_a_few_steps_on_the_real_data(workdir, recipe):
+    from scl_lightning.data import FashionMNISTDataModule
+
+    if FashionMNISTDataModule(download=False).folder is None:
+        pytest.skip("Fashion-MNIST is not installed (run `make data`)")
+    logger = [
+        {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": "runs", "name": recipe},
+        }
+    ]
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / f"{recipe}.yaml"),
+            f"--trainer.logger={json.dumps(logger)}",
+            "--trainer.max_steps=3",
+            "--trainer.limit_val_batches=2",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    (path,) = (workdir / "runs").rglob("summary.json")
+    summary = json.loads(path.read_text())
+    assert summary["global_step"] == 3
+    assert (
+        summary["total_connections"]
+        == {"fmnist_lenet300": 266_200, "fmnist_lenet5": 430_500}[recipe]
+    )
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)

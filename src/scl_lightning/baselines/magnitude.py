@@ -51,7 +51,7 @@ def _check_sparsity(name: str, value: Any) -> float:
 def _check_scope(scope: Any) -> Scope:
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-    return scope  # type: ignore[no-any-return]
+    return scope
 
 
 def _keep_mask(scores: Tensor, num_off: int) -> Tensor:

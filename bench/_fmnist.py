@@ -1,0 +1,259 @@
+"""One training run ("arm") on Fashion-MNIST for the frontier and ablation benchmarks, measured
+the same way for every method: test accuracy on the official 10,000 images, global sparsity over
+the masked layers (``nn.stats.connectivity``), dense and effective FLOPs of one sample
+(``nn.flops.flop_counts``), and the wall time of ``fit``.
+
+Arms run in worker processes (``run_arms``), each with its own torch threads, and append one JSON
+line per finished arm to a results file, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+NETS: dict[str, dict[str, Any]] = {
+    # SGD as SCLModule's default (momentum 0.9, weight decay 5e-4, cosine to 0), batch 128.
+    # LeNet-5 diverges at lr 0.05 even dense (measured while planning issue 12): lr 0.01.
+    "lenet300": {"backbone": "lenet_300_100", "lr": 0.05},
+    "lenet5": {"backbone": "lenet5", "lr": 0.01},
+}
+BATCH_SIZE = 128
+
+
+def arm_key(arm: dict[str, Any]) -> str:
+    """A stable identity of an arm (its settings, not its results)."""
+    return json.dumps({k: arm[k] for k in sorted(arm) if not k.startswith("_")}, sort_keys=True)
+
+
+def done_keys(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    return {arm_key(json.loads(line)["arm"]) for line in path.read_text().splitlines() if line}
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+class _MaskHistory:
+    """Per mask entry: did it ever go off (cross zero), did it ever move from its start value."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, Any] = {}
+        self.crossed: dict[str, Any] = {}
+        self.moved: dict[str, Any] = {}
+
+    def update(self, layers: Iterable[tuple[str, Any]]) -> None:
+        import torch
+
+        for name, layer in layers:
+            m = layer.mask.detach()
+            if name not in self.start:
+                self.start[name] = m.clone()
+                self.crossed[name] = m <= 0
+                self.moved[name] = torch.zeros_like(m, dtype=torch.bool)
+            self.crossed[name] |= m <= 0
+            self.moved[name] |= m != self.start[name]
+
+    def fractions(self) -> tuple[float, float]:
+        total = sum(int(t.numel()) for t in self.start.values())
+        crossed = sum(int(t.sum()) for t in self.crossed.values())
+        moved = sum(int(t.sum()) for t in self.moved.values())
+        return 1.0 - crossed / total, 1.0 - moved / total
+
+
+def _callbacks(arm: dict[str, Any], epochs: int, history: _MaskHistory | None) -> list[Any]:
+    from lightning.pytorch.callbacks import Callback, ModelPruning
+
+    from scl_lightning.baselines import (
+        GradualMagnitudePruning,
+        OneShotMagnitudePruning,
+        cubic_sparsity,
+    )
+    from scl_lightning.nn.sparsify import masked_modules
+
+    method = arm["method"]
+    out: list[Any] = []
+    if method == "gmp":
+        out.append(
+            GradualMagnitudePruning(
+                final_sparsity=arm["sparsity"], end_fraction=0.6, frequency=arm["_frequency"]
+            )
+        )
+    elif method == "oneshot":
+        out.append(OneShotMagnitudePruning(arm["sparsity"], epoch=epochs // 2))
+    elif method == "modelpruning":
+        # Lightning's ModelPruning as it is: global L1 on every Linear/Conv weight, pruned at
+        # each epoch's end. torch's pruning takes each amount from the weights still on, so the
+        # cumulative cubic schedule over the first 60% of epochs becomes per-epoch increments.
+        prune_epochs = max(1, round(0.6 * epochs))
+        target = arm["sparsity"]
+
+        def amount(epoch: int) -> float:
+            if epoch >= prune_epochs:
+                return 0.0
+            before = cubic_sparsity(epoch, 0.0, target, 0, prune_epochs)
+            after = cubic_sparsity(epoch + 1, 0.0, target, 0, prune_epochs)
+            return (after - before) / (1.0 - before)
+
+        out.append(
+            ModelPruning("l1_unstructured", amount=amount, use_global_unstructured=True, verbose=0)
+        )
+    if history is not None:
+
+        class Track(Callback):
+            def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+                history.update(masked_modules(pl_module))
+
+        out.append(Track())
+    return out
+
+
+def _measured_network(module: Any, method: str) -> Any:
+    """The trained network with masks: ModelPruning's dense network gets masks from its zeros, so
+    its sparsity and FLOPs are counted by the same code as every other arm's."""
+    import torch
+
+    from scl_lightning import sparsify
+    from scl_lightning.nn.sparsify import masked_modules
+
+    net = module.model
+    if method not in ("modelpruning", "dense"):
+        return net
+    net = sparsify(copy.deepcopy(net))
+    with torch.no_grad():
+        for _, layer in masked_modules(net):
+            layer.mask.copy_(torch.where(layer.weight != 0, 1.0, -1.0))
+    return net
+
+
+def run_arm(arm: dict[str, Any]) -> dict[str, Any]:
+    """Train and measure one arm (called in a worker process)."""
+    import torch
+    from lightning.pytorch import Trainer, seed_everything
+
+    from scl_lightning import SCLModule
+    from scl_lightning.data import FashionMNISTDataModule
+    from scl_lightning.nn.flops import flop_counts
+    from scl_lightning.nn.stats import connectivity
+
+    warnings.filterwarnings("ignore")
+    import logging
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    torch.set_num_threads(arm["_threads"])
+    net = NETS[arm["net"]]
+    seed_everything(arm["seed"], workers=True, verbose=False)
+    dm = FashionMNISTDataModule(batch_size=BATCH_SIZE, download=False)
+    method = arm["method"]
+    lr = arm.get("lr", net["lr"])
+
+    def optimizer(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+
+    kwargs: dict[str, Any] = {
+        "backbone": net["backbone"],
+        "input_shape": (1, 28, 28),
+        "optimizer": optimizer,
+        "sparsify": method not in ("dense", "modelpruning"),
+        "lam": arm.get("lam", 0.0),
+    }
+    for key in ("ste", "mask_grad_norm", "mask_lr", "mask_init", "freeze_masks_epoch"):
+        if key in arm:
+            kwargs[key] = arm[key]
+    module = SCLModule(**kwargs)
+    epochs = arm["epochs"]
+    history = _MaskHistory() if arm.get("_track_masks") else None
+    trainer = Trainer(
+        max_epochs=epochs,
+        limit_train_batches=arm.get("_limit_batches", 1.0),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=_callbacks(arm, epochs, history),
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    fit_s = time.perf_counter() - t0
+    [test] = trainer.test(module, datamodule=dm, verbose=False)
+    measured = _measured_network(module, method)
+    conn = connectivity(measured)
+    counts = flop_counts(measured, torch.zeros(1, 1, 28, 28))
+    effective, _ = counts.effective(conn.densities())
+    result = {
+        "arm": {k: v for k, v in arm.items() if not k.startswith("_")},
+        "test_acc": float(test["test/acc"]),
+        "sparsity": float(conn.sparsity),
+        "active": int(conn.active),
+        "total": int(conn.total),
+        "layer_sparsity": {c.name: round(1 - c.active / c.total, 5) for c in conn.layers},
+        "dense_flops": int(counts.total),
+        "effective_flops": int(effective),
+        "fit_s": round(fit_s, 1),
+    }
+    if history is not None:
+        never_crossed, never_moved = history.fractions()
+        result["never_crossed_zero"] = never_crossed
+        result["never_moved"] = never_moved
+    return result
+
+
+def _worker(arm: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return run_arm(arm)
+    except Exception as err:  # reported, the other arms go on
+        return {"arm": arm, "error": f"{type(err).__name__}: {err}"}
+
+
+def run_arms(arms: list[dict[str, Any]], results: Path, jobs: int) -> list[dict[str, Any]]:
+    """Run the arms not yet in ``results`` with ``jobs`` worker processes (1 torch thread each
+    when ``jobs > 1``); append each result as it finishes and print a progress line."""
+    done = done_keys(results)
+    todo = [a for a in arms if arm_key(a) not in done]
+    threads = 1 if jobs > 1 else max(1, os.cpu_count() or 1)
+    for arm in todo:
+        arm["_threads"] = threads
+    results.parent.mkdir(parents=True, exist_ok=True)
+    print(
+        f"{len(arms) - len(todo)} of {len(arms)} arms already in {results}; running {len(todo)}"
+        f" with {jobs} job(s)",
+        flush=True,
+    )
+    out: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(jobs, maxtasksperchild=1) as pool:
+        for i, result in enumerate(pool.imap_unordered(_worker, todo), 1):
+            if "error" in result:
+                print(f"  FAILED {result['arm']}: {result['error']}", file=sys.stderr, flush=True)
+                continue
+            with results.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            out.append(result)
+            arm = result["arm"]
+            what = ", ".join(
+                f"{k}={arm[k]}" for k in ("net", "method", "lam", "sparsity", "seed") if k in arm
+            )
+            elapsed = time.perf_counter() - start
+            print(
+                f"  [{i}/{len(todo)}, {elapsed / 60:.1f} min] {what}: acc {result['test_acc']:.4f}"
+                f", sparsity {result['sparsity']:.4f}, fit {result['fit_s']:.0f} s",
+                flush=True,
+            )
+    return out
