@@ -19,7 +19,9 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/digits_mlp.yaml
 ARGS ?=
 # Benchmarks to run; a script whose name starts with "_" is a helper, not a benchmark.
-BENCH ?= $(filter-out bench/_%,$(sort $(wildcard bench/*.py)))
+# The Fashion-MNIST result studies take hours: `make results` runs them (`make bench` does not).
+RESULTS_BENCH := bench/frontier.py bench/ablations.py bench/scl_variants.py
+BENCH ?= $(filter-out bench/_% $(RESULTS_BENCH),$(sort $(wildcard bench/*.py)))
 
 # torch is installed first, on its own and pinned: an unpinned torch pulls GBs of CUDA packages.
 TORCH_REQ := $(shell grep -m1 -E '^torch==' constraints.txt 2>/dev/null)
@@ -27,7 +29,7 @@ TORCH_REQ := $(shell grep -m1 -E '^torch==' constraints.txt 2>/dev/null)
 # Only those that exist: git does not keep an empty bench/, and ruff reports a missing path.
 LINT_PATHS := $(wildcard src tests bench)
 
-.PHONY: help install data train test test-full lint format bench clean distclean constraints
+.PHONY: help install data train test test-full lint format bench results clean distclean constraints
 
 help: ## list the targets (default)
 	@echo "Usage: make <target> [CONFIG=path.yaml] [ARGS='extra arguments']"
@@ -105,6 +107,12 @@ bench: $(STAMP) ## run each bench/*.py in turn (BENCH=bench/x.py for one)
 	for script in $(BENCH); do \
 	  echo "==> $$script"; \
 	  $(BIN)/python "$$script"; \
+	done
+
+results: data ## the Fashion-MNIST studies of docs/RESULTS.md (hours); ARGS=--quick for minutes
+	@set -e; for script in $(RESULTS_BENCH); do \
+	  echo "==> $$script $(ARGS)"; \
+	  $(BIN)/python "$$script" $(ARGS); \
 	done
 
 constraints: ## rewrite constraints.txt from the packages now in .venv (keeps its header)

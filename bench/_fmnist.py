@@ -161,7 +161,8 @@ def run_arm(arm: dict[str, Any]) -> dict[str, Any]:
     lr = arm.get("lr", net["lr"])
 
     def optimizer(params: Any) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+        decay = arm.get("weight_decay", 5e-4)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=decay)
 
     kwargs: dict[str, Any] = {
         "backbone": net["backbone"],
@@ -170,7 +171,8 @@ def run_arm(arm: dict[str, Any]) -> dict[str, Any]:
         "sparsify": method not in ("dense", "modelpruning"),
         "lam": arm.get("lam", 0.0),
     }
-    for key in ("ste", "mask_grad_norm", "mask_lr", "mask_init", "freeze_masks_epoch"):
+    scl_keys = ("ste", "mask_grad_norm", "mask_lr", "mask_init", "freeze_masks_epoch")
+    for key in (*scl_keys, "warmup_epochs", "penalty"):
         if key in arm:
             kwargs[key] = arm[key]
     module = SCLModule(**kwargs)
