@@ -29,6 +29,25 @@ NETS: dict[str, dict[str, Any]] = {
 BATCH_SIZE = 128
 
 
+def prepare(args: Any, quick: dict[str, Any]) -> bool:
+    """Shared start of the result benchmarks: in ``--quick`` mode, 2 epochs with the ``quick``
+    arm settings and ``*_quick`` result and output folders; then check that Fashion-MNIST is
+    installed (an error line and False when it is not) and create the output folder."""
+    args._quick = {}
+    if args.quick:
+        args.epochs = args.epochs or 2
+        args._quick = quick
+        args.results = args.results.with_name(args.results.name + "_quick")
+        args.out = args.out.with_name(args.out.name + "_quick")
+    from scl_lightning.data import FashionMNISTDataModule
+
+    if not args.report_only and FashionMNISTDataModule(download=False).folder is None:
+        print("error: Fashion-MNIST is not installed: run `make data`", file=sys.stderr)
+        return False
+    args.out.mkdir(parents=True, exist_ok=True)
+    return True
+
+
 def arm_key(arm: dict[str, Any]) -> str:
     """A stable identity of an arm (its settings, not its results)."""
     return json.dumps({k: arm[k] for k in sorted(arm) if not k.startswith("_")}, sort_keys=True)

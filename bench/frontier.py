@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _fmnist import NETS, read_results, run_arms
+from _fmnist import NETS, prepare, read_results, run_arms
 
 ROOT = Path(__file__).resolve().parents[1]
 # lambdas meant to span ~80-99.5% sparsity at the default epochs (from the planning runs:
@@ -181,19 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "frontier")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
-    args._quick = {}
     if args.quick:
         args.seeds = args.seeds[:1]
-        args.epochs = args.epochs or 2
-        args._quick = {"_limit_batches": 60, "_frequency": 10}
-        args.results = args.results.with_name(args.results.name + "_quick")
-        args.out = args.out.with_name(args.out.name + "_quick")
-    from scl_lightning.data import FashionMNISTDataModule
-
-    if not args.report_only and FashionMNISTDataModule(download=False).folder is None:
-        print("error: Fashion-MNIST is not installed: run `make data`", file=sys.stderr)
+    if not prepare(args, {"_limit_batches": 60, "_frequency": 10}):
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
     for net in args.nets:
         path = args.results / f"{net}.jsonl"
         if not args.report_only:

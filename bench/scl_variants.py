@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _fmnist import NETS, arm_key, read_results, run_arms
+from _fmnist import NETS, arm_key, prepare, read_results, run_arms
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = {"lenet300": 10, "lenet5": 5}
@@ -125,17 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 variants, 2 epochs of 60 batches")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
-    quick: dict[str, Any] = {}
     if args.quick:
         args.variants = args.variants[:2]
-        args.epochs = args.epochs or 2
-        quick = {"_limit_batches": 60, "_frequency": 10}
-        args.results = args.results.with_name(args.results.name + "_quick")
-        args.out = args.out.with_name(args.out.name + "_quick")
-    unknown = sorted(set(args.variants) - set(variants(10)))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {sorted(variants(10))}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if not prepare(args, {"_limit_batches": 60, "_frequency": 10}):
+        return 2
+    quick = args._quick
     for net in args.nets:
         path = args.results / f"{net}.jsonl"
         if not args.report_only:

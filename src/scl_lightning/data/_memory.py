@@ -24,10 +24,38 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from scl_lightning._utils import is_int
+
 from .sampling import accelerator_available, global_seed, resumable_loader_kwargs
 from .transforms import BatchAugment
 
-__all__ = ["InMemoryDataModule", "InMemoryImageDataset", "holdout_split"]
+__all__ = ["InMemoryDataModule", "InMemoryImageDataset", "check_loader_args", "holdout_split"]
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def check_loader_args(
+    *, batch_size: Any, num_workers: Any, split_seed: Any, seed: Any, **flags: Any
+) -> None:
+    """The argument checks every in-memory DataModule shares: ``batch_size``, ``num_workers``,
+    ``split_seed``, ``seed`` (``None`` or a 32-bit seed) and the boolean ``flags``.
+
+    Raises:
+        ValueError: naming the first argument that is out of range or of the wrong type.
+    """
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not is_int(num_workers) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+    for name, value in flags.items():
+        if not _is_bool(value):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if not is_int(split_seed) or not 0 <= split_seed < 2**32:
+        raise ValueError(f"split_seed must be an integer in [0, 2**32), got {split_seed!r}")
+    if seed is not None and (not is_int(seed) or not 0 <= seed < 2**32):
+        raise ValueError(f"seed must be None or an integer in [0, 2**32), got {seed!r}")
 
 
 def _keep_batch(batch: Any) -> Any:

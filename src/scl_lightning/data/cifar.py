@@ -31,7 +31,13 @@ from typing_extensions import override
 from scl_lightning._utils import is_int
 
 from ._archive import ArchiveError, check_md5, download_file, restricted_pickle_load, safe_extract
-from ._memory import InMemoryDataModule, InMemoryImageDataset, holdout_split
+from ._memory import (
+    InMemoryDataModule,
+    InMemoryImageDataset,
+    _is_bool,
+    check_loader_args,
+    holdout_split,
+)
 from .sampling import EpochShuffleSampler
 from .transforms import BatchAugment
 
@@ -45,10 +51,6 @@ __all__ = [
 
 _IMAGE_SHAPE = (3, 32, 32)
 _PIXELS = 3 * 32 * 32
-
-
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, (bool, np.bool_))
 
 
 def _str_keys(obj: Any) -> Any:
@@ -143,29 +145,23 @@ class CIFARDataModule(InMemoryDataModule):
             )
         if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
             raise ValueError(f"data_dir must be a non-empty path, got {data_dir!r}")
-        if not is_int(batch_size) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not is_int(num_workers) or num_workers < 0:
-            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
-        for name, value in (
-            ("download", download),
-            ("augment", augment),
-            ("flip", flip),
-            ("normalize", normalize),
-            ("pin_memory", pin_memory),
-        ):
-            if not _is_bool(value):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+        check_loader_args(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            split_seed=split_seed,
+            seed=seed,
+            download=download,
+            augment=augment,
+            flip=flip,
+            normalize=normalize,
+            pin_memory=pin_memory,
+        )
         if (
             not isinstance(val_split, (int, float, np.floating))
             or _is_bool(val_split)
             or not 0.0 <= float(val_split) < 1.0
         ):
             raise ValueError(f"val_split must be a number in [0, 1), got {val_split!r}")
-        if not is_int(split_seed) or not 0 <= split_seed < 2**32:
-            raise ValueError(f"split_seed must be an integer in [0, 2**32), got {split_seed!r}")
-        if seed is not None and (not is_int(seed) or not 0 <= seed < 2**32):
-            raise ValueError(f"seed must be None or an integer in [0, 2**32), got {seed!r}")
         if not is_int(crop_padding) or crop_padding < 0:
             raise ValueError(f"crop_padding must be a non-negative integer, got {crop_padding!r}")
         if not is_int(cutout) or not 0 <= cutout <= 32:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -36,7 +36,12 @@ from typing_extensions import override
 from scl_lightning._utils import is_int
 
 from ._archive import ArchiveError, DownloadError, download_file
-from ._memory import InMemoryDataModule, InMemoryImageDataset, holdout_split
+from ._memory import (
+    InMemoryDataModule,
+    InMemoryImageDataset,
+    check_loader_args,
+    holdout_split,
+)
 from .idx import read_idx
 from .transforms import BatchAugment
 
@@ -58,10 +63,6 @@ def default_data_dirs(name: str, system_dirs: tuple[str, ...] = ()) -> list[Path
     dirs.append(Path("~/.cache/scl-lightning").expanduser() / name)
     dirs.extend(Path(d) for d in system_dirs)
     return dirs
-
-
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, (bool, np.bool_))
 
 
 class IDXDataModule(InMemoryDataModule):
@@ -137,27 +138,21 @@ class IDXDataModule(InMemoryDataModule):
             not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir)
         ):
             raise ValueError(f"data_dir must be None or a non-empty path, got {data_dir!r}")
-        if not is_int(batch_size) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not is_int(num_workers) or num_workers < 0:
-            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
-        for name, value in (
-            ("download", download),
-            ("augment", augment),
-            ("flip", flip),
-            ("normalize", normalize),
-            ("pin_memory", pin_memory),
-        ):
-            if not _is_bool(value):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+        check_loader_args(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            split_seed=split_seed,
+            seed=seed,
+            download=download,
+            augment=augment,
+            flip=flip,
+            normalize=normalize,
+            pin_memory=pin_memory,
+        )
         if not is_int(val_size) or not 0 <= val_size < self.NUM_SAMPLES["train"]:
             raise ValueError(
                 f"val_size must be an integer in [0, {self.NUM_SAMPLES['train']}), got {val_size!r}"
             )
-        if not is_int(split_seed) or not 0 <= split_seed < 2**32:
-            raise ValueError(f"split_seed must be an integer in [0, 2**32), got {split_seed!r}")
-        if seed is not None and (not is_int(seed) or not 0 <= seed < 2**32):
-            raise ValueError(f"seed must be None or an integer in [0, 2**32), got {seed!r}")
         if not is_int(crop_padding) or not 0 <= crop_padding <= 14:
             raise ValueError(f"crop_padding must be an integer in [0, 14], got {crop_padding!r}")
         self.save_hyperparameters()
