@@ -85,6 +85,11 @@ class _MaskHistory:
             self.crossed[name] |= m <= 0
             self.moved[name] |= m != self.start[name]
 
+    def beyond_one(self, layers: Iterable[tuple[str, Any]]) -> float:
+        """Fraction of masks at ``|m| > 1`` now (hardtanh's proxy gradient is zero there)."""
+        masks = [layer.mask.detach() for _, layer in layers]
+        return sum(int((m.abs() > 1).sum()) for m in masks) / sum(m.numel() for m in masks)
+
     def fractions(self) -> tuple[float, float]:
         total = sum(int(t.numel()) for t in self.start.values())
         crossed = sum(int(t.sum()) for t in self.crossed.values())
@@ -232,6 +237,9 @@ def run_arm(arm: dict[str, Any]) -> dict[str, Any]:
         never_crossed, never_moved = history.fractions()
         result["never_crossed_zero"] = never_crossed
         result["never_moved"] = never_moved
+        from scl_lightning.nn.sparsify import masked_modules
+
+        result["beyond_one"] = history.beyond_one(masked_modules(module))
     return result
 
 
