@@ -277,7 +277,19 @@ def run_arms(arms: list[dict[str, Any]], results: Path, jobs: int) -> list[dict[
             out.append(result)
             arm = result["arm"]
             what = ", ".join(
-                f"{k}={arm[k]}" for k in ("net", "method", "lam", "sparsity", "seed") if k in arm
+                f"{k}={arm[k]}"
+                for k in (
+                    "net",
+                    "method",
+                    "variant",
+                    "ste",
+                    "mask_grad_norm",
+                    "mask_lr",
+                    "lam",
+                    "sparsity",
+                    "seed",
+                )
+                if k in arm
             )
             elapsed = time.perf_counter() - start
             print(

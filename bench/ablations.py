@@ -41,14 +41,14 @@ EPOCHS = {"lenet300": 10, "lenet5": 5}
 
 def arms_for(net: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     common = {"net": net, "epochs": args.epochs or EPOCHS[net], **args._quick}
-    lams = LAMBDAS[net]
+    lams = tuple(args.lambdas) if args.lambdas else LAMBDAS[net]
     arms = [
         {
             **common,
             "study": "ste",
             "method": "scl",
             "ste": ste,
-            "lam": lams[1],
+            "lam": lams[-1],
             "seed": s,
             "_track_masks": True,
         }
@@ -147,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", nargs="+", default=["lenet5", "lenet300"], choices=list(NETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument(
+        "--lambdas",
+        nargs="+",
+        type=float,
+        default=None,
+        help="default: two per net; the STE study uses the last",
+    )
     parser.add_argument("--mask-lrs", nargs="+", type=float, default=list(MASK_LRS))
     parser.add_argument("--epochs", type=int, default=None, help="default: 10 / 5 per net")
     parser.add_argument("--jobs", type=int, default=2)
