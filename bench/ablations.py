@@ -42,34 +42,37 @@ EPOCHS = {"lenet300": 10, "lenet5": 5}
 def arms_for(net: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     common = {"net": net, "epochs": args.epochs or EPOCHS[net], **args._quick}
     lams = tuple(args.lambdas) if args.lambdas else LAMBDAS[net]
-    arms = [
-        {
-            **common,
-            "study": "ste",
-            "method": "scl",
-            "ste": ste,
-            "lam": lams[-1],
-            "seed": s,
-            "_track_masks": True,
-        }
-        for ste in STES
-        for s in args.seeds
-    ]
-    arms += [
-        {
-            **common,
-            "study": "norm",
-            "method": "scl",
-            "mask_grad_norm": norm,
-            "mask_lr": lr,
-            "lam": lam,
-            "seed": s,
-        }
-        for norm in NORMS
-        for lr in args.mask_lrs
-        for lam in lams
-        for s in args.seeds
-    ]
+    arms: list[dict[str, Any]] = []
+    if "ste" in args.studies:
+        arms += [
+            {
+                **common,
+                "study": "ste",
+                "method": "scl",
+                "ste": ste,
+                "lam": lams[-1],
+                "seed": s,
+                "_track_masks": True,
+            }
+            for ste in STES
+            for s in args.seeds
+        ]
+    if "norm" in args.studies:
+        arms += [
+            {
+                **common,
+                "study": "norm",
+                "method": "scl",
+                "mask_grad_norm": norm,
+                "mask_lr": lr,
+                "lam": lam,
+                "seed": s,
+            }
+            for norm in NORMS
+            for lr in args.mask_lrs
+            for lam in lams
+            for s in args.seeds
+        ]
     return arms
 
 
@@ -154,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="default: two per net; the STE study uses the last",
     )
+    parser.add_argument("--studies", nargs="+", default=["ste", "norm"], choices=["ste", "norm"])
     parser.add_argument("--mask-lrs", nargs="+", type=float, default=list(MASK_LRS))
     parser.add_argument("--epochs", type=int, default=None, help="default: 10 / 5 per net")
     parser.add_argument("--jobs", type=int, default=2)
