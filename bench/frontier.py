@@ -73,7 +73,7 @@ def baseline_arms(net: str, args: argparse.Namespace, results: list[dict]) -> li
         if (
             a["method"] == "scl"
             and a["epochs"] == epochs
-            and a["lam"] in (args.lambdas or LAMBDAS[net])
+            and a["lam"] in (args.baseline_lambdas or args.lambdas or LAMBDAS[net])
         ):
             by_lam[a["lam"]].append(r["sparsity"])
     arms = []
@@ -174,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lambdas", nargs="+", type=float, default=None)
+    parser.add_argument(
+        "--baseline-lambdas",
+        nargs="+",
+        type=float,
+        default=None,
+        help="the SCL lambdas whose sparsities the baselines are trained at (default: all)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="default: 10 / 5 per net")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 lambdas, 60 batches/epoch")
