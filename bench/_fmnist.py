@@ -255,7 +255,11 @@ def run_arms(arms: list[dict[str, Any]], results: Path, jobs: int) -> list[dict[
     when ``jobs > 1``); append each result as it finishes and print a progress line."""
     done = done_keys(results)
     todo = [a for a in arms if arm_key(a) not in done]
-    threads = 1 if jobs > 1 else max(1, os.cpu_count() or 1)
+    # one thread per job: OpenMP barriers stall badly on cores shared with other work;
+    # SCL_BENCH_THREADS overrides (e.g. 1 for a single job beside another benchmark)
+    threads = int(os.environ.get("SCL_BENCH_THREADS", 0)) or (
+        1 if jobs > 1 else max(1, os.cpu_count() or 1)
+    )
     for arm in todo:
         arm["_threads"] = threads
     results.parent.mkdir(parents=True, exist_ok=True)
