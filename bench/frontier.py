@@ -77,7 +77,7 @@ def baseline_arms(net: str, args: argparse.Namespace, results: list[dict]) -> li
         ):
             by_lam[a["lam"]].append(r["sparsity"])
     arms = []
-    for lam in sorted(by_lam):
+    for lam in sorted(by_lam, reverse=True):  # the sparsest first
         target = round(_median(by_lam[lam]), 4)
         for method in BASELINES:
             for s in args.seeds:
