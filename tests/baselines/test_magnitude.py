@@ -3,6 +3,8 @@ resume, and use in a module written without SCL in mind."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -95,7 +97,9 @@ def test_gradual_pruning_follows_the_schedule_in_any_module(tmp_path):
     assert by_step[6] == by_step[5]  # no pruning between steps
     assert by_step[13] == pytest.approx(round(0.9 * total) / total)
     assert by_step[20] == by_step[13]
-    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("mask"))
+    # the masks moved only by pruning: kept ones at their start value 1, pruned ones at -1
+    masks = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("mask")])
+    assert set(masks.unique().tolist()) == {-1.0, 1.0}
 
 
 def test_gradual_pruning_with_fractions_and_warning_when_cut_short(tmp_path):
@@ -103,7 +107,7 @@ def test_gradual_pruning_with_fractions_and_warning_when_cut_short(tmp_path):
     gmp = GradualMagnitudePruning(final_sparsity=0.5, end_fraction=0.5, frequency=1)
     trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=10)
     trainer.fit(model, model.train_dataloader())
-    assert gmp.window(trainer) == (0, 5)
+    assert gmp.window(trainer) == (0, 4)  # half of the last step, 9
     trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=10, callbacks=[gmp])
     trainer.fit(model, model.train_dataloader())
     assert global_sparsity(model) == pytest.approx(0.5, abs=1e-3)
@@ -176,3 +180,56 @@ def test_state_round_trips_for_resume():
     again = OneShotMagnitudePruning(0.5)
     again.load_state_dict(shot.state_dict())
     assert again.done
+
+
+def test_end_fraction_one_reaches_the_final_sparsity(tmp_path):
+    model = TinyClassifier(sparse=True, samples=80)
+    gmp = GradualMagnitudePruning(final_sparsity=0.6, end_fraction=1.0, frequency=3)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=10, callbacks=[gmp])
+    trainer.fit(model, model.train_dataloader())
+    assert gmp.window(trainer) == (0, 9)
+    assert global_sparsity(model) == pytest.approx(0.6, abs=1e-3)
+
+
+def test_fractions_need_a_run_of_known_length(tmp_path):
+    gmp = GradualMagnitudePruning(final_sparsity=0.5)
+    trainer = quiet_trainer(tmp_path, max_epochs=-1, max_steps=-1, callbacks=[gmp])
+    with pytest.raises(ValueError, match="needs a run of known length"):
+        trainer.fit(TinyClassifier(sparse=True), TinyClassifier().train_dataloader())
+
+
+def test_a_step_counter_that_jumps_still_prunes_on_schedule():
+    # pruning steps at 0, 4, 8; the callback is called at odd steps only (two optimizers)
+    gmp = GradualMagnitudePruning(final_sparsity=0.9, start_step=0, end_step=8, frequency=4)
+    gmp._window = (0, 8)
+    model = TinyClassifier(sparse=True)
+    seen = []
+    for step in (1, 3, 5, 7, 9):
+        gmp.on_train_batch_start(SimpleNamespace(global_step=step), model, None, 0)
+        seen.append(gmp.applied)
+    assert seen[0] == seen[1] == pytest.approx(gmp.target(0))
+    assert seen[2] == seen[3] == pytest.approx(gmp.target(4))
+    assert seen[4] == pytest.approx(0.9)
+    assert global_sparsity(model) == pytest.approx(0.9, abs=1e-3)
+
+
+def test_resume_between_pruning_steps_ends_as_an_uninterrupted_run(tmp_path):
+    def run(epochs, ckpt=None):
+        torch.manual_seed(0)
+        model = TinyClassifier(sparse=True, samples=40)  # 5 batches an epoch
+        gmp = GradualMagnitudePruning(final_sparsity=0.8, start_step=1, end_step=10, frequency=3)
+        trainer = quiet_trainer(
+            tmp_path, max_epochs=epochs, limit_train_batches=None, callbacks=[gmp]
+        )
+        trainer.fit(model, model.train_dataloader(), ckpt_path=ckpt)
+        return trainer, model, gmp
+
+    _, whole, _ = run(3)
+    with pytest.warns(UserWarning, match="before the schedule's end"):
+        trainer, _, _ = run(1)  # stops at step 5, between pruning steps 4 and 7
+    path = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(path)
+    _, resumed, gmp = run(3, ckpt=path)
+    assert gmp.applied == pytest.approx(0.8)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -3,8 +3,8 @@
 They prune by writing the sign of each layer's ``mask`` variable (``H(m) = 1[m > 0]``), so a
 baseline run is measured exactly as an SCL run is: the same layers, the same connection counts
 (:func:`~scl_lightning.nn.stats.connectivity`), the same FLOPs and the same export. The masks are
-not trained: each callback freezes them (``requires_grad=False``) when fitting starts and is the
-only thing that changes them.
+not trained: each callback drops their gradients before every optimizer step and is the only
+thing that changes them.
 
 - :func:`prune_by_magnitude`: keep the largest ``|w|`` of the active connections, globally or per
   layer, so that exactly ``round(sparsity * total)`` connections are off.
@@ -131,25 +131,37 @@ def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int
     return final + (initial - final) * (1.0 - progress) ** 3
 
 
-def _freeze_masks(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
-    """Refuse a learning SCL engine in the same Trainer and stop the masks' own training."""
+def _check_module(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
+    """Refuse an SCL engine that would also change the masks, and a module without masks."""
     from scl_lightning.callbacks.sparse_connectivity_learning import SparseConnectivityLearning
 
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(cb, SparseConnectivityLearning) and cb.lam > 0:
+        if not isinstance(cb, SparseConnectivityLearning):
+            continue
+        if cb.lam > 0:
             raise ValueError(
                 f"{who} decides the masks itself, but SparseConnectivityLearning in the same "
                 f"Trainer trains them with lam={cb.lam}: use lam=0 (SCLModule(lam=0)) or drop "
                 f"one of the two"
             )
-    layers = [layer for _, layer in masked_modules(pl_module)]
-    if not layers:
+        if cb.min_connections_per_layer > 0:
+            raise ValueError(
+                f"{who} decides the masks itself, but SparseConnectivityLearning's collapse "
+                f"guard (min_connections_per_layer={cb.min_connections_per_layer}) would turn "
+                f"pruned connections back on: set min_connections_per_layer=0"
+            )
+    if not any(True for _ in masked_modules(pl_module)):
         raise ValueError(
             f"{who} needs masked layers in the module: sparsify the network "
             f"(scl_lightning.sparsify) or use SCLModule"
         )
-    for layer in layers:
-        layer.mask.requires_grad_(False)
+
+
+def _drop_mask_grads(pl_module: pl.LightningModule) -> None:
+    """Keep the optimizer off the masks: a parameter whose ``grad`` is ``None`` is skipped by
+    every torch optimizer (weight decay and momentum included). ``requires_grad`` stays on, so
+    DDP's gradient reduction sees the parameters it was built with."""
+    for _, layer in masked_modules(pl_module):
         layer.mask.grad = None
 
 
@@ -225,11 +237,18 @@ class GradualMagnitudePruning(Callback):
         self.applied = -1.0
 
     def window(self, trainer: pl.Trainer) -> tuple[int, int]:
-        """``(t_0, t_1)`` in optimizer steps for this run."""
+        """``(t_0, t_1)`` in optimizer steps for this run. A fraction of the run ends at its last
+        step at the latest, so ``end_fraction=1.0`` still reaches ``final_sparsity``."""
         total = trainer.estimated_stepping_batches
-        total = int(total) if math.isfinite(total) else 0
-        start = round(self.start_fraction * total) if self.start_step is None else self.start_step
-        end = round(self.end_fraction * total) if self.end_step is None else self.end_step
+        fractions = self.start_step is None or self.end_step is None
+        if fractions and not math.isfinite(total):
+            raise ValueError(
+                "GradualMagnitudePruning with start_fraction/end_fraction needs a run of known "
+                "length (max_epochs or max_steps): set start_step and end_step instead"
+            )
+        last = max(int(total) - 1, 0) if math.isfinite(total) else 0
+        start = round(self.start_fraction * last) if self.start_step is None else self.start_step
+        end = round(self.end_fraction * last) if self.end_step is None else self.end_step
         if end < start:
             raise ValueError(
                 f"GradualMagnitudePruning ends at step {end}, before it starts ({start}): set "
@@ -246,8 +265,14 @@ class GradualMagnitudePruning(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _freeze_masks(trainer, pl_module, type(self).__name__)
+        _check_module(trainer, pl_module, type(self).__name__)
         self._window = self.window(trainer)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        _drop_mask_grads(pl_module)
 
     @override
     def on_train_batch_start(
@@ -258,13 +283,14 @@ class GradualMagnitudePruning(Callback):
         step = trainer.global_step
         if step < start or self.applied >= self.final_sparsity:
             return
-        if step < end and (step - start) % self.frequency:
-            return
-        sparsity = self.target(step)
+        # the schedule's value at the last pruning step reached: a step counter that jumps
+        # (several optimizers, a resumed run) prunes at the first batch after each one
+        due = step if step >= end else start + (step - start) // self.frequency * self.frequency
+        sparsity = self.target(due)
         if sparsity > self.applied:
             prune_by_magnitude(pl_module, sparsity, self.scope)
             self.applied = sparsity
-        pl_module.log("pruning/target_sparsity", sparsity, on_step=True, on_epoch=False)
+            pl_module.log("pruning/target_sparsity", sparsity, on_step=True, on_epoch=False)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -325,8 +351,14 @@ class OneShotMagnitudePruning(Callback):
         return max_epochs // 2
 
     @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        _drop_mask_grads(pl_module)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _freeze_masks(trainer, pl_module, type(self).__name__)
+        _check_module(trainer, pl_module, type(self).__name__)
         epoch = self.prune_epoch(trainer)
         if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch:
             raise ValueError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import zlib
 from pathlib import Path
@@ -99,7 +100,7 @@ def read_idx(
         raise ArchiveError(f"{path} is truncated: its IDX header is incomplete{suffix}")
     dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[code]
-    expected_bytes = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected_bytes = header + math.prod(dims) * dtype.itemsize
     if len(data) != expected_bytes:
         what = "truncated" if len(data) < expected_bytes else "longer than its header says"
         raise ArchiveError(

@@ -215,11 +215,21 @@ class IDXDataModule(InMemoryDataModule):
                 return folder
         return None
 
-    def _not_found(self, why: str) -> FileNotFoundError:
+    def _not_found(self, why: str, downloaded: bool = False) -> FileNotFoundError:
         where = ", ".join(str(d) for d in self.candidate_dirs())
+        advice = (
+            "run `make data` to install it, or pass data_dir= a folder with the four *-ubyte.gz "
+            "files"
+        )
+        if downloaded:
+            advice = (
+                "without network access, put the four *-ubyte.gz files in one of those folders "
+                "(as root on Debian/Ubuntu, `make data` installs Fashion-MNIST's package)"
+            )
+        elif not self.download:
+            advice += ", or download=True"
         return FileNotFoundError(
-            f"{self.DISPLAY_NAME} not found ({why}; looked in {where}): run `make data` to install "
-            f"it, or pass data_dir= a folder with the four *-ubyte.gz files, or download=True"
+            f"{self.DISPLAY_NAME} not found ({why}; looked in {where}): {advice}"
         )
 
     def prepare_data(self) -> None:
@@ -243,14 +253,14 @@ class IDXDataModule(InMemoryDataModule):
             self._download(name, target)
 
     def _download(self, name: str, target: Path) -> None:
-        errors = []
-        for base in self.URLS:
+        errors: list[Exception] = []
+        for base in self.URLS:  # the next mirror after a failure or a wrong checksum
             try:
                 download_file(f"{base}{name}.gz", target / f"{name}.gz", self.GZ_MD5[name])
                 return
-            except DownloadError as err:
+            except (DownloadError, ArchiveError) as err:
                 errors.append(err)
-        raise self._not_found(f"the download failed: {errors[-1]}") from errors[-1]
+        raise self._not_found(f"the download failed: {errors[-1]}", downloaded=True) from errors[-1]
 
     def _read(self, folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         images_name, labels_name = _files(split)
