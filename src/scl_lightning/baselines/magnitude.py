@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from scl_lightning._utils import is_int
+from scl_lightning.callbacks.mask_group import drop_mask_grads, mask_parameters
 from scl_lightning.nn.sparsify import masked_modules
 
 __all__ = [
@@ -157,15 +158,22 @@ def _check_module(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) 
         )
 
 
-def _drop_mask_grads(pl_module: pl.LightningModule) -> None:
-    """Keep the optimizer off the masks: a parameter whose ``grad`` is ``None`` is skipped by
-    every torch optimizer (weight decay and momentum included). ``requires_grad`` stays on, so
-    DDP's gradient reduction sees the parameters it was built with."""
-    for _, layer in masked_modules(pl_module):
-        layer.mask.grad = None
+class _MagnitudeBaseline(Callback):
+    """What both baselines share: the module check at fit start, and the masks kept out of the
+    optimizer (their gradients dropped before every step, as the SCL engine freezes them)."""
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _check_module(trainer, pl_module, type(self).__name__)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        drop_mask_grads(mask_parameters(pl_module))
 
 
-class GradualMagnitudePruning(Callback):
+class GradualMagnitudePruning(_MagnitudeBaseline):
     """Gradual magnitude pruning (Zhu & Gupta 2017) on the module's masked layers.
 
     From optimizer step ``t_0`` to ``t_1``, every ``frequency`` steps, the smallest-magnitude
@@ -265,14 +273,8 @@ class GradualMagnitudePruning(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _check_module(trainer, pl_module, type(self).__name__)
+        super().on_fit_start(trainer, pl_module)
         self._window = self.window(trainer)
-
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
-    ) -> None:
-        _drop_mask_grads(pl_module)
 
     @override
     def on_train_batch_start(
@@ -312,7 +314,7 @@ class GradualMagnitudePruning(Callback):
         self.applied = float(state_dict["applied"])
 
 
-class OneShotMagnitudePruning(Callback):
+class OneShotMagnitudePruning(_MagnitudeBaseline):
     """One-shot magnitude pruning: at the start of epoch ``epoch``, switch off the
     smallest-magnitude connections down to exactly ``sparsity``; the remaining epochs fine-tune
     with the masks fixed.
@@ -351,14 +353,8 @@ class OneShotMagnitudePruning(Callback):
         return max_epochs // 2
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
-    ) -> None:
-        _drop_mask_grads(pl_module)
-
-    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _check_module(trainer, pl_module, type(self).__name__)
+        super().on_fit_start(trainer, pl_module)
         epoch = self.prune_epoch(trainer)
         if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch:
             raise ValueError(
