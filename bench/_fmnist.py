@@ -97,7 +97,9 @@ class _MaskHistory:
         return 1.0 - crossed / total, 1.0 - moved / total
 
 
-def _callbacks(arm: dict[str, Any], epochs: int, history: _MaskHistory | None) -> list[Any]:
+def _callbacks(
+    arm: dict[str, Any], epochs: int, history: _MaskHistory | None, churn: _Churn | None = None
+) -> list[Any]:
     from lightning.pytorch.callbacks import Callback, ModelPruning
 
     from scl_lightning.baselines import (
@@ -134,6 +136,32 @@ def _callbacks(arm: dict[str, Any], epochs: int, history: _MaskHistory | None) -
         out.append(
             ModelPruning("l1_unstructured", amount=amount, use_global_unstructured=True, verbose=0)
         )
+    elif method == "fixed":
+        # the topology of another run (a file of {layer: bool tensor}), never changed, trained
+        # from this run's initialization
+        import torch
+
+        from scl_lightning.callbacks.mask_group import drop_mask_grads, mask_parameters
+
+        on = load_on_sets(Path(arm["_mask_file"]))
+
+        class FixedMasks(Callback):
+            def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+                with torch.no_grad():
+                    for name, layer in masked_modules(pl_module):
+                        layer.mask.copy_(torch.where(on[name], 1.0, -1.0))
+
+            def on_before_optimizer_step(self, trainer: Any, pl_module: Any, opt: Any) -> None:
+                drop_mask_grads(mask_parameters(pl_module))
+
+        out.append(FixedMasks())
+    if churn is not None:
+
+        class EpochEnds(Callback):
+            def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+                churn.epochs.append(_on_sets(pl_module))
+
+        out.append(EpochEnds())
     if history is not None:
 
         class Track(Callback):
@@ -142,6 +170,83 @@ def _callbacks(arm: dict[str, Any], epochs: int, history: _MaskHistory | None) -
 
         out.append(Track())
     return out
+
+
+def _on_sets(module: Any) -> dict[str, Any]:
+    """Each masked layer's connections that are on (``H(m) = 1``), as boolean tensors."""
+    from scl_lightning.nn.sparsify import masked_modules
+
+    return {name: (layer.mask.detach() > 0).clone() for name, layer in masked_modules(module)}
+
+
+def save_on_sets(on: dict[str, Any], path: Path) -> None:
+    """Write on-sets as packed bits (``.npz``): 1 bit per connection."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for name, t in on.items():
+        arrays[f"{name}|bits"] = np.packbits(t.numpy().reshape(-1))
+        arrays[f"{name}|shape"] = np.asarray(t.shape, dtype=np.int64)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_on_sets(path: Path) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    with np.load(path) as data:
+        names = sorted({k.split("|")[0] for k in data.files})
+        out = {}
+        for name in names:
+            shape = tuple(int(x) for x in data[f"{name}|shape"])
+            n = int(np.prod(shape))
+            bits = np.unpackbits(data[f"{name}|bits"])[:n].astype(bool)
+            out[name] = torch.from_numpy(bits.reshape(shape))
+    return out
+
+
+def _magnitude_agreement(module: Any, on: dict[str, Any]) -> float:
+    """Fraction of the on-set that global magnitude pruning of the final weights would also
+    keep (the ``active`` largest ``|w|`` over every masked layer): 1.0 for a pure magnitude
+    choice, the active fraction itself for a choice unrelated to magnitude."""
+    import torch
+
+    from scl_lightning.nn.sparsify import masked_modules
+
+    layers = dict(masked_modules(module))
+    scores = torch.cat([layers[k].weight.detach().abs().reshape(-1) for k in on])
+    kept = torch.cat([on[k].reshape(-1) for k in on])
+    k = int(kept.sum())
+    if k == 0:
+        return float("nan")
+    top = torch.zeros_like(kept)
+    top[torch.topk(scores, k).indices] = True
+    return round(int((top & kept).sum()) / k, 5)
+
+
+class _Churn:
+    """The on-sets at each epoch's end, to measure how much the masks still change late."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, Any]] = []
+
+    def report(self) -> dict[str, list[float]]:
+        """Per epoch: the fraction of connections that switched since the previous epoch's end,
+        and the Jaccard overlap of that epoch's on-set with the final one."""
+        final = self.epochs[-1]
+        total = sum(t.numel() for t in final.values())
+        flips, jaccard = [], []
+        for i, sets in enumerate(self.epochs):
+            if i:
+                prev = self.epochs[i - 1]
+                flips.append(sum(int((sets[k] ^ prev[k]).sum()) for k in sets) / total)
+            inter = sum(int((sets[k] & final[k]).sum()) for k in sets)
+            union = sum(int((sets[k] | final[k]).sum()) for k in sets)
+            jaccard.append(round(inter / max(union, 1), 5))
+        return {"flips": [round(f, 6) for f in flips], "jaccard_with_final": jaccard}
 
 
 def _measured_network(module: Any, method: str) -> Any:
@@ -192,7 +297,7 @@ def run_arm(arm: dict[str, Any]) -> dict[str, Any]:
         "backbone": net["backbone"],
         "input_shape": (1, 28, 28),
         "optimizer": optimizer,
-        "sparsify": method not in ("dense", "modelpruning"),
+        "sparsify": method not in ("dense", "modelpruning"),  # "fixed": lam 0
         "lam": arm.get("lam", 0.0),
     }
     scl_keys = ("ste", "mask_grad_norm", "mask_lr", "mask_init", "freeze_masks_epoch")
@@ -202,6 +307,7 @@ def run_arm(arm: dict[str, Any]) -> dict[str, Any]:
     module = SCLModule(**kwargs)
     epochs = arm["epochs"]
     history = _MaskHistory() if arm.get("_track_masks") else None
+    churn = _Churn() if arm.get("_track_churn") else None
     trainer = Trainer(
         max_epochs=epochs,
         limit_train_batches=arm.get("_limit_batches", 1.0),
@@ -212,7 +318,7 @@ def run_arm(arm: dict[str, Any]) -> dict[str, Any]:
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
-        callbacks=_callbacks(arm, epochs, history),
+        callbacks=_callbacks(arm, epochs, history, churn),
     )
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
@@ -233,6 +339,12 @@ def run_arm(arm: dict[str, Any]) -> dict[str, Any]:
         "effective_flops": int(effective),
         "fit_s": round(fit_s, 1),
     }
+    if churn is not None:
+        result["churn"] = churn.report()
+    if arm.get("_save_masks"):
+        on = _on_sets(module)
+        save_on_sets(on, Path(arm["_save_masks"]))
+        result["magnitude_agreement"] = _magnitude_agreement(module, on)
     if history is not None:
         never_crossed, never_moved = history.fractions()
         result["never_crossed_zero"] = never_crossed
@@ -286,6 +398,7 @@ def run_arms(arms: list[dict[str, Any]], results: Path, jobs: int) -> list[dict[
                     "net",
                     "method",
                     "variant",
+                    "mask_source",
                     "ste",
                     "mask_grad_norm",
                     "mask_lr",

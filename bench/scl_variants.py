@@ -6,7 +6,8 @@ at a matched sparsity, never read off an interpolated curve.
 Variants (``--variants``, default all): the defaults; masks frozen for the last 40% of epochs
 (GMP's fine-tune share); no weight decay (it shrinks masked-off weights, whose masks then lose
 the task gradient that could revive them); smaller initial masks; a dense warm-up epoch; slower
-and faster mask learning rates; the softplus STE; twice the epochs.
+and faster mask learning rates; the softplus STE; twice the epochs; no weight decay with a
+warm-up epoch; no normalization at the mask learning rate the ablation found best for it (100).
 
 Results are appended to ``bench/results/variants/<net>.jsonl`` (a rerun skips finished arms);
 the table goes to ``--out`` (default ``docs/variants``).
@@ -43,6 +44,8 @@ def variants(epochs: int) -> dict[str, dict[str, Any]]:
         "mask_lr_0.03": {"mask_lr": 0.03},
         "softplus": {"ste": "softplus"},
         "epochs_x2": {"epochs": 2 * epochs},
+        "no_wd_warmup1": {"weight_decay": 0.0, "warmup_epochs": 1},
+        "norm_none_lr100": {"mask_grad_norm": "none", "mask_lr": 100.0},
     }
 
 
