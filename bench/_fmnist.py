@@ -25,6 +25,9 @@ NETS: dict[str, dict[str, Any]] = {
     # LeNet-5 diverges at lr 0.05 even dense (measured while planning issue 12): lr 0.01.
     "lenet300": {"backbone": "lenet_300_100", "lr": 0.05},
     "lenet5": {"backbone": "lenet5", "lr": 0.01},
+    # configs/digits_mlp.yaml's network and optimizer on the bundled digits (8x8, batch 64;
+    # no test split: "test" accuracy is the 20% validation split's)
+    "digits_mlp": {"backbone": "lenet_300_100", "lr": 0.05, "data": "digits"},
 }
 BATCH_SIZE = 128
 
@@ -273,7 +276,7 @@ def run_arm(arm: dict[str, Any]) -> dict[str, Any]:
     from lightning.pytorch import Trainer, seed_everything
 
     from scl_lightning import SCLModule
-    from scl_lightning.data import FashionMNISTDataModule
+    from scl_lightning.data import DigitsDataModule, FashionMNISTDataModule
     from scl_lightning.nn.flops import flop_counts
     from scl_lightning.nn.stats import connectivity
 
@@ -285,7 +288,13 @@ def run_arm(arm: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(arm["_threads"])
     net = NETS[arm["net"]]
     seed_everything(arm["seed"], workers=True, verbose=False)
-    dm = FashionMNISTDataModule(batch_size=BATCH_SIZE, download=False)
+    digits = net.get("data") == "digits"
+    dm = (
+        DigitsDataModule(batch_size=64)
+        if digits
+        else FashionMNISTDataModule(batch_size=BATCH_SIZE, download=False)
+    )
+    shape = (1, 8, 8) if digits else (1, 28, 28)
     method = arm["method"]
     lr = arm.get("lr", net["lr"])
 
@@ -295,12 +304,14 @@ def run_arm(arm: dict[str, Any]) -> dict[str, Any]:
 
     kwargs: dict[str, Any] = {
         "backbone": net["backbone"],
-        "input_shape": (1, 28, 28),
+        "input_shape": shape,
         "optimizer": optimizer,
         "sparsify": method not in ("dense", "modelpruning"),  # "fixed": lam 0
-        "lam": arm.get("lam", 0.0),
     }
-    scl_keys = ("ste", "mask_grad_norm", "mask_lr", "mask_init", "freeze_masks_epoch")
+    targets = ("target_sparsity", "target_flops", "freeze_at_target")
+    if not any(key in arm for key in targets):  # with a target the controller sets lambda
+        kwargs["lam"] = arm.get("lam", 0.0)
+    scl_keys = ("ste", "mask_grad_norm", "mask_lr", "mask_init", "freeze_masks_epoch", *targets)
     for key in (*scl_keys, "warmup_epochs", "penalty"):
         if key in arm:
             kwargs[key] = arm[key]
@@ -326,7 +337,7 @@ def run_arm(arm: dict[str, Any]) -> dict[str, Any]:
     [test] = trainer.test(module, datamodule=dm, verbose=False)
     measured = _measured_network(module, method)
     conn = connectivity(measured)
-    counts = flop_counts(measured, torch.zeros(1, 1, 28, 28))
+    counts = flop_counts(measured, torch.zeros(1, *shape))
     effective, _ = counts.effective(conn.densities())
     result = {
         "arm": {k: v for k, v in arm.items() if not k.startswith("_")},
@@ -339,6 +350,8 @@ def run_arm(arm: dict[str, Any]) -> dict[str, Any]:
         "effective_flops": int(effective),
         "fit_s": round(fit_s, 1),
     }
+    if module.engine.controller is not None:
+        result["final_lam"] = module.engine.lam
     if churn is not None:
         result["churn"] = churn.report()
     if arm.get("_save_masks"):

@@ -60,7 +60,7 @@ MESSAGES: dict[str, list[str]] = {
     ],
     "negative_lambda": ["lam must be a finite number >= 0, got -1.0"],
     "nan_lambda": ["lam must be a finite number >= 0, got nan"],
-    "non_numeric_lambda": ["--model.lam: expected a float, got 'abc'"],
+    "non_numeric_lambda": ["--model.lam: expected a float or null, got 'abc'"],
     "unknown_ste": ["unknown STE 'nope'; choose one of: hardtanh, identity, leaky_relu, softplus"],
     "bad_ste_kwargs": ["leaky_relu STE: alpha must be in (0, 1], got -1.0"],
     "negative_mask_lr": ["mask_lr must be a finite number > 0, got -1.0"],

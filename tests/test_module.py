@@ -79,13 +79,16 @@ def test_from_registry_name():
     assert module(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     hp = module.hparams
     assert hp.backbone == "lenet_300_100"
+    # the arguments as given (lam and penalty default to None: "not asked for"), and what
+    # they resolve to without a target
     assert (hp.num_classes, hp.lam, hp.mask_lr, hp.penalty, hp.ste) == (
         10,
-        2e-5,
+        None,
         0.01,
-        "count",
+        None,
         "identity",
     )
+    assert (module.lam, module.penalty) == (2e-5, "count")
     for ignored in ("task_loss", "optimizer", "lr_scheduler"):
         assert ignored not in hp
 
@@ -129,7 +132,7 @@ def test_ste_kwargs_reach_the_estimator():
         ({"lam": float("nan")}, r"lam must be a finite number >= 0, got nan"),
         ({"mask_lr": 0}, r"mask_lr must be a finite number > 0, got 0"),
         ({"mask_lr": -0.1}, r"mask_lr must be a finite number > 0, got -0.1"),
-        ({"penalty": "foo"}, r"penalty must be 'count' or 'density', got 'foo'"),
+        ({"penalty": "foo"}, r"penalty must be 'count', 'density' or 'flops', got 'foo'"),
         ({"ste": "foo"}, r"unknown STE 'foo'; choose one of: .*identity"),
         ({"ste": "leaky_relu", "ste_kwargs": {"alpha": 2.0}}, r"alpha must be in \(0, 1\]"),
         ({"mask_init": 0.0}, r"mask_init must be a finite number > 0"),

@@ -38,10 +38,75 @@ def test_the_issue_recipes_exist():
         "fmnist_lenet300_dense",
         "fmnist_lenet5",
         "fmnist_lenet5_dense",
+        # budgets instead of lambdas (issue 13)
+        "digits_mlp_target",
+        "fmnist_lenet300_target",
+        "fmnist_lenet5_flops",
     } <= names
 
 
-FMNIST_RECIPES = ["fmnist_lenet300", "fmnist_lenet5", "fmnist_lenet5_dense"]
+FMNIST_RECIPES = ["fmnist_lenet300", "fmnist_lenet5", "fmnist_lenet5_dense", "fmnist_lenet5_flops"]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "target"),
+    [
+        ("cifar10_resnet56", {"target_sparsity": 0.9}),
+        ("cifar10_resnet110", {"target_sparsity": 0.9}),
+        ("cifar10_vgg16", {"target_sparsity": 0.95}),
+        ("imagenet_resnet50", {"target_sparsity": 0.8}),
+        ("digits_mlp_target", {"target_sparsity": 0.95}),
+        ("fmnist_lenet300_target", {"target_sparsity": 0.967}),
+        ("fmnist_lenet5_flops", {"target_flops": 0.1}),
+    ],
+)
+def test_big_recipes_and_target_variants_ask_for_a_budget_not_a_lambda(recipe, target):
+    import yaml
+
+    model = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())["model"]
+    assert "lam" not in model
+    assert {k: model[k] for k in target} == target
+
+
+def test_a_lambda_on_top_of_a_target_recipe_is_one_line(workdir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "digits_mlp_target.yaml"),
+                "--model.lam",
+                "1e-5",
+                "--trainer.logger=false",
+            ]
+        )
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "drop lam" in err[0], err
+
+
+def test_digits_target_recipe_trains(workdir, capsys):
+    logger = [
+        {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": "runs", "name": "t"},
+        }
+    ]
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "digits_mlp_target.yaml"),
+            "--trainer.max_epochs",
+            "4",
+            f"--trainer.logger={json.dumps(logger)}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    (path,) = (workdir / "runs").rglob("summary.json")
+    assert json.loads(path.read_text())["sparsity"] > 0.3
+    rows = (path.parent / "metrics.csv").read_text().splitlines()
+    assert "budget/lam" in rows[0] and "budget/gap" in rows[0]
 
 
 @pytest.mark.parametrize("recipe", FMNIST_RECIPES)

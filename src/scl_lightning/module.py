@@ -77,8 +77,11 @@ class SCLModule(pl.LightningModule):
         input_shape: shape of one input sample, e.g. ``(1, 8, 8)``; enables FLOPs tracing before
             the first batch and the input/output sizes in Lightning's model summary.
         backbone_kwargs: extra arguments of a registry model.
-        lam: weight of the connection penalty, ``>= 0``.
-        penalty: ``"count"`` (``C``, the paper's objective) or ``"density"`` (``C / N``).
+        lam: weight of the connection penalty, ``>= 0``; ``None``: 2e-5 without a target, set
+            by the controller with one (giving both is an error).
+        penalty: ``"count"`` (``C``, the paper's objective), ``"density"`` (``C / N``) or
+            ``"flops"`` (each connection weighted by its multiply-adds per sample); ``None``:
+            ``"flops"`` with ``target_flops``, else ``"count"``.
         sparsify: mask the backbone; ``False`` gives the dense baseline with everything else
             identical.
         ste: straight-through estimator name: ``identity``, ``leaky_relu``, ``softplus``,
@@ -113,6 +116,14 @@ class SCLModule(pl.LightningModule):
             strongest masks are raised back above zero); ``0`` only warns, once per layer, when
             a layer loses every connection and cuts the network in two. See
             :class:`~scl_lightning.nn.LayerCollapseGuard`.
+        target_sparsity: ask for this global sparsity (masked layers), in ``[0, 1)``, instead
+            of a ``lam``: the engine adapts lambda to reach it (``docs/guide.md``, "Budgets").
+        target_flops: ask for these effective FLOPs per sample, as a fraction of dense.
+        target_epoch, target_step: when the target must be reached (default: 60% of the way
+            through the mask-learning phase).
+        freeze_at_target: freeze the masks once the target is held within
+            ``target_tolerance``; the rest of the run fine-tunes.
+        control_gain: the controller's integral gain.
 
     Raises:
         ValueError: for an invalid argument (the message names it and the bad value).
@@ -131,8 +142,8 @@ class SCLModule(pl.LightningModule):
         num_classes: int = 10,
         input_shape: Sequence[int] | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
-        lam: float = 2e-5,
-        penalty: Literal["count", "density"] = "count",
+        lam: float | None = None,
+        penalty: Literal["count", "density", "flops"] | None = None,
         sparsify: bool = True,
         ste: str = "identity",
         ste_kwargs: dict[str, float] | None = None,
@@ -149,6 +160,13 @@ class SCLModule(pl.LightningModule):
         warmup_epochs: int = 0,
         freeze_masks_epoch: int | None = None,
         min_connections_per_layer: int = 0,
+        target_sparsity: float | None = None,
+        target_flops: float | None = None,
+        target_epoch: int | None = None,
+        target_step: int | None = None,
+        freeze_at_target: bool = False,
+        target_tolerance: float = 0.005,
+        control_gain: float = 1.0,
     ) -> None:
         super().__init__()
         if not is_int(num_classes) or num_classes < 2:
@@ -176,6 +194,13 @@ class SCLModule(pl.LightningModule):
             target="model",
             min_connections_per_layer=min_connections_per_layer,
             sparsify=False,  # masked here, below, so that checkpoints load without a Trainer
+            target_sparsity=target_sparsity,
+            target_flops=target_flops,
+            target_epoch=target_epoch,
+            target_step=target_step,
+            freeze_at_target=freeze_at_target,
+            target_tolerance=target_tolerance,
+            control_gain=control_gain,
         )
         if isinstance(backbone, str) and backbone.startswith(_MODULE_MARK):
             raise ValueError(

@@ -330,7 +330,7 @@ def test_resume_from_checkpoint(tmp_path):
         ({"lam": -1}, r"lam must be a finite number >= 0, got -1"),
         ({"lam": "x"}, r"lam must be a finite number >= 0, got 'x'"),
         ({"mask_lr": 0}, r"mask_lr must be a finite number > 0, got 0"),
-        ({"penalty": "foo"}, r"penalty must be 'count' or 'density', got 'foo'"),
+        ({"penalty": "foo"}, r"penalty must be 'count', 'density' or 'flops', got 'foo'"),
         ({"ste": "foo"}, r"unknown STE 'foo'"),
         ({"ste": "softplus", "ste_kwargs": {"beta": 0}}, r"beta must be > 0"),
         ({"mask_init": 0}, r"mask_init must be a finite number > 0"),

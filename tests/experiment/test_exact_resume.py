@@ -79,6 +79,11 @@ def _fit(
     if variant == "drop-in":
         module = _PlainModule()
         callbacks.append(SparseConnectivityLearning(lam=1e-3, flops=False, target="net"))
+    elif variant == "target":
+        # lambda adapted by the controller: its state is part of what must resume exactly
+        module = SCLModule(
+            _backbone(), num_classes=10, input_shape=(1, 8, 8), target_sparsity=0.5, mask_lr=0.1
+        )
     else:
         # "phases": dense warm-up in epoch 0, masks frozen from epoch 2 (a resume crosses both)
         phases = {"warmup_epochs": 1, "freeze_masks_epoch": 2} if variant == "phases" else {}
@@ -114,6 +119,8 @@ def _fit(
         return {}, {}
     trainer.fit(module, datamodule=datamodule, ckpt_path="last" if resume else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if isinstance(module, SCLModule):
+        metrics["lam"] = module.lam  # a Python float: compared exactly
     return {k: v.clone() for k, v in module.state_dict().items()}, metrics
 
 
@@ -147,12 +154,16 @@ def test_resumed_run_is_bit_identical(tmp_path: Path, reference: Any, stop_at: i
     assert masks and any(bool((m <= 0).any()) for m in masks)
 
 
-@pytest.mark.parametrize("variant", ["phases", "drop-in"])
+@pytest.mark.parametrize("variant", ["phases", "drop-in", "target"])
 def test_resume_is_exact_across_phases_and_with_the_drop_in(tmp_path: Path, variant: str) -> None:
     reference = _fit(tmp_path / "ref", variant=variant)
     _fit(tmp_path / "run", stop_at=8, variant=variant)  # epoch 0
     _fit(tmp_path / "run", stop_at=20, resume=True, variant=variant)  # epoch 1
     _assert_same(_fit(tmp_path / "run", resume=True, variant=variant), reference)
+    if variant == "target":  # the controller really moved lambda and the masks
+        state, metrics = reference
+        assert metrics["lam"] > 0
+        assert any(bool((v <= 0).any()) for k, v in state.items() if k.endswith(".mask"))
 
 
 def test_resume_with_persistent_workers(tmp_path: Path) -> None:

@@ -139,6 +139,12 @@ def _check_module(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) 
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
         if not isinstance(cb, SparseConnectivityLearning):
             continue
+        if cb.controller is not None:
+            raise ValueError(
+                f"{who} decides the masks itself, but SparseConnectivityLearning in the same "
+                f"Trainer adapts lam to a target: drop the target (and use lam=0) or drop one "
+                f"of the two"
+            )
         if cb.lam > 0:
             raise ValueError(
                 f"{who} decides the masks itself, but SparseConnectivityLearning in the same "

@@ -9,19 +9,22 @@ callback through ``configure_callbacks``, so the two faces of SCL cannot drift a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
 from scl_lightning._utils import is_int, validate_positive
+from scl_lightning.callbacks._logging import logs_this_step
 from scl_lightning.callbacks._precision import unscale_gradients
+from scl_lightning.callbacks.lambda_control import LambdaController, validate_targets
 from scl_lightning.callbacks.mask_grad_norm import MaskGradientNormalization
 from scl_lightning.callbacks.mask_group import (
     MASK_GROUP_KEY,
@@ -30,12 +33,21 @@ from scl_lightning.callbacks.mask_group import (
 )
 from scl_lightning.callbacks.sparsity_monitor import SparsityMonitor
 from scl_lightning.nn.collapse import LayerCollapseGuard
+from scl_lightning.nn.flops import FlopCounts, example_from_batch, flop_counts
 from scl_lightning.nn.masked import MaskedLayer, validate_mask_init
 from scl_lightning.nn.normalize import normalize_per_feature, validate_norm_mode
 from scl_lightning.nn.sparsify import maskable_modules, masked_modules, sparsify
 from scl_lightning.nn.ste import get_ste
 
 __all__ = ["SparseConnectivityLearning", "masks_trainable", "validate_phases"]
+
+#: lambda when neither ``lam`` nor a target is given
+DEFAULT_LAM = 2e-5
+#: the share of the mask-learning phase by which a target is reached, unless told otherwise
+DEFAULT_TARGET_FRACTION = 0.6
+#: a final gap to the target beyond this (sparsity, or FLOPs fraction) is warned about
+TARGET_WARN_GAP = 0.01
+Penalty = Literal["count", "density", "flops"]
 
 
 def validate_phases(warmup_epochs: int, freeze_masks_epoch: int | None) -> None:
@@ -75,10 +87,16 @@ class SparseConnectivityLearning(Callback):
     3. before each optimizer step, on true (unscaled) gradients whatever the precision plugin
        and optimizer (fused ones under ``16-mixed`` included), adds the gradient of
        ``lam * C`` to the mask gradients (``C`` = number of active connections, differentiated
-       through each layer's estimator, or ``C / N`` with ``penalty="density"``) and normalizes
-       them per feature, and
-    4. logs sparsity and FLOPs with a :class:`SparsityMonitor` (unless the Trainer has one of
-       its own), guards layers against collapse and shows ``lam`` in the progress bar.
+       through each layer's estimator; ``C / N`` with ``penalty="density"``; with
+       ``penalty="flops"`` each connection weighted by its multiply-adds per sample, so ``C``
+       is the effective FLOPs of the masked layers) and normalizes them per feature,
+    4. with ``target_sparsity`` or ``target_flops``, adapts ``lam`` every step so that the
+       budget is reached by ``target_epoch``/``target_step`` and held
+       (:mod:`~scl_lightning.callbacks.lambda_control`), and
+    5. logs sparsity and FLOPs with a :class:`SparsityMonitor` (unless the Trainer has one of
+       its own), guards layers against collapse and shows ``lam`` in the progress bar; with a
+       target, ``budget/lam``, ``budget/gap`` (measured minus target, in the target's unit) and
+       ``budget/reference`` (the schedule) go to the loggers at every logging step.
 
     The penalty is added to the gradient once per optimizer step, so it is the same with or
     without gradient accumulation; the module's own loss and logs are untouched (SCLModule
@@ -92,8 +110,10 @@ class SparseConnectivityLearning(Callback):
     parameters (FSDP, DeepSpeed) are not supported.
 
     Args:
-        lam: weight of the connection penalty, ``>= 0``.
-        penalty: ``"count"`` or ``"density"``.
+        lam: weight of the connection penalty, ``>= 0``; ``None`` means 2e-5 without a target
+            and is required with one (the engine then sets it).
+        penalty: ``"count"``, ``"density"`` or ``"flops"``; ``None`` means ``"flops"`` with
+            ``target_flops`` and ``"count"`` otherwise.
         ste: straight-through estimator name (for layers this callback masks).
         ste_kwargs: its hyper-parameters.
         mask_init: initial mask value, ``> 0``.
@@ -111,6 +131,15 @@ class SparseConnectivityLearning(Callback):
         sparsify: mask the network in ``setup`` when it has no masked layer; ``False`` trains
             the masked layers it has, and a network without any dense (a baseline with the same
             logs).
+        target_sparsity: the global sparsity of the masked layers to reach, in ``[0, 1)``.
+        target_flops: the effective FLOPs per sample to reach, as a fraction of dense, in
+            ``(0, 1)``; it must be above what the layers that are not masked need.
+        target_epoch: the epoch by whose start the target is reached; ``target_step`` the
+            optimizer step. Default: 60% of the way through the mask-learning phase.
+        freeze_at_target: freeze the masks (the fine-tune phase starts) once the target is
+            reached and held within ``target_tolerance``.
+        target_tolerance: how close counts as holding the target (``freeze_at_target``).
+        control_gain: the controller's integral gain (``log lam`` per step per unit of error).
 
     Raises:
         ValueError: for an invalid argument; in ``setup`` if ``target`` is not a submodule.
@@ -124,8 +153,8 @@ class SparseConnectivityLearning(Callback):
 
     def __init__(
         self,
-        lam: float = 2e-5,
-        penalty: Literal["count", "density"] = "count",
+        lam: float | None = None,
+        penalty: Penalty | None = None,
         ste: str = "identity",
         ste_kwargs: dict[str, float] | None = None,
         mask_init: float = 1.0,
@@ -139,13 +168,46 @@ class SparseConnectivityLearning(Callback):
         flops: bool = True,
         min_connections_per_layer: int = 0,
         sparsify: bool = True,
+        target_sparsity: float | None = None,
+        target_flops: float | None = None,
+        target_epoch: int | None = None,
+        target_step: int | None = None,
+        freeze_at_target: bool = False,
+        target_tolerance: float = 0.005,
+        control_gain: float = 1.0,
     ) -> None:
-        self.lam = validate_positive("lam", lam, allow_zero=True)
+        validate_targets(
+            lam, target_sparsity, target_flops, target_epoch, target_step, target_tolerance
+        )
+        self._lam = validate_positive("lam", DEFAULT_LAM if lam is None else lam, allow_zero=True)
         self.mask_lr = validate_positive("mask_lr", mask_lr)
-        if penalty not in ("count", "density"):
-            raise ValueError(f"penalty must be 'count' or 'density', got {penalty!r}")
+        if penalty is None:
+            penalty = "flops" if target_flops is not None else "count"
+        if penalty not in ("count", "density", "flops"):
+            raise ValueError(f"penalty must be 'count', 'density' or 'flops', got {penalty!r}")
         validate_phases(warmup_epochs, freeze_masks_epoch)
-        self.penalty = penalty
+        if target_epoch is not None and freeze_masks_epoch is not None:
+            if target_epoch > freeze_masks_epoch:
+                raise ValueError(
+                    f"target_epoch ({target_epoch}) is after freeze_masks_epoch "
+                    f"({freeze_masks_epoch}): masks could not move to reach it"
+                )
+        if target_epoch is not None and target_epoch <= warmup_epochs:
+            raise ValueError(
+                f"target_epoch ({target_epoch}) must be after warmup_epochs ({warmup_epochs})"
+            )
+        self.penalty: Penalty = penalty
+        self.target_epoch = target_epoch
+        self.target_step = target_step
+        self.freeze_at_target = bool(freeze_at_target)
+        self.controller: LambdaController | None = None
+        if target_sparsity is not None or target_flops is not None:
+            self.controller = LambdaController(
+                kind="sparsity" if target_sparsity is not None else "flops",
+                target=float(target_sparsity if target_sparsity is not None else target_flops),  # type: ignore[arg-type]
+                gain=validate_positive("control_gain", control_gain),
+                tolerance=float(target_tolerance),
+            )
         self.ste = get_ste(ste, **(ste_kwargs or {}))
         self.mask_init = validate_mask_init(mask_init)
         # one pattern may be given as a plain string (as to `sparsify`): not its characters
@@ -168,7 +230,11 @@ class SparseConnectivityLearning(Callback):
         self._monitoring = True
         self._lam_shown = False
         self._layers: dict[int, MaskedLayer] = {}  # id(mask) -> layer, in module order
+        self._names: dict[int, str] = {}  # id(mask) -> the layer's name in the network
         self._total = 0
+        #: per-connection price of each layer (id(mask) -> 1, 1 / N or multiply-adds)
+        self._cost: dict[int, float] = {}
+        self._flop_counts: FlopCounts | None = None
         self._wrapped: pl.LightningModule | None = None
         self._adopted: list[MaskGradientNormalization] = []
 
@@ -178,9 +244,30 @@ class SparseConnectivityLearning(Callback):
     def min_connections_per_layer(self) -> int:
         return self._collapse.min_connections
 
+    @property
+    def lam(self) -> float:
+        """The weight of the penalty now: the given ``lam``, or the controller's with a target
+        (0 until masks start learning)."""
+        return self.controller.lam if self.controller is not None else self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        if self.controller is not None:
+            raise ValueError("lam is set by the controller when a target is given")
+        self._lam = validate_positive("lam", value, allow_zero=True)
+
+    @property
+    def frozen_at_target(self) -> bool:
+        """Whether ``freeze_at_target`` has frozen the masks."""
+        return self.controller is not None and self.controller.frozen_step is not None
+
     def masks_learning(self, epoch: int) -> bool:
-        """Whether masks learn in ``epoch`` (the warm-up and freeze phases)."""
-        return masks_trainable(epoch, self.warmup_epochs, self.freeze_masks_epoch)
+        """Whether masks learn in ``epoch`` (the warm-up and freeze phases, and a freeze once the
+        target is held)."""
+        return (
+            masks_trainable(epoch, self.warmup_epochs, self.freeze_masks_epoch)
+            and not self.frozen_at_target
+        )
 
     @property
     def total_connections(self) -> int:
@@ -199,9 +286,22 @@ class SparseConnectivityLearning(Callback):
             return zero, zero
         counts = [layer.forward_count() for layer in self._layers.values()]
         dtype = torch.float64 if any(c.dtype == torch.float64 for c in counts) else torch.float32
-        count = torch.stack([c.to(dtype) for c in counts]).sum()
-        term = self.lam * (count / self._total if self.penalty == "density" else count)
-        return count, term
+        stacked = torch.stack([c.to(dtype) for c in counts])
+        count = stacked.sum()
+        if self.penalty == "count":
+            return count, self.lam * count
+        costs = torch.tensor(
+            [self._price(key) for key in self._layers], dtype=dtype, device=stacked.device
+        )
+        return count, self.lam * (stacked * costs).sum()
+
+    def _price(self, key: int) -> float:
+        """What one active connection of the layer with mask ``key`` costs in ``C``."""
+        if self.penalty == "count":
+            return 1.0
+        if self.penalty == "density":
+            return 1.0 / max(self._total, 1)
+        return self._cost.get(key, 0.0)  # "flops": known from the first training batch on
 
     def _network(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.target is None:
@@ -231,7 +331,9 @@ class SparseConnectivityLearning(Callback):
 
     def collect_layers(self, network: nn.Module) -> None:
         """Train the masked layers of ``network`` (``setup`` calls it on the target)."""
-        self._layers = {id(layer.mask): layer for _, layer in masked_modules(network)}
+        named = list(masked_modules(network))
+        self._layers = {id(layer.mask): layer for _, layer in named}
+        self._names = {id(layer.mask): name for name, layer in named}
         self._total = sum(layer.mask.numel() for layer in self._layers.values())
 
     @property
@@ -359,12 +461,15 @@ class SparseConnectivityLearning(Callback):
             drop_mask_grads(masks)
             return
         unscale_gradients(trainer, optimizer)
-        scale = self.lam / self._total if self.penalty == "density" else self.lam
+        if self.controller is not None:
+            self._control(trainer)
+        lam = self.lam
         if self._adopted:
             mode, eps = self._adopted[0].mode, self._adopted[0].eps
         else:
             mode, eps = self.normalize, self.eps
         for mask in masks:
+            scale = lam * self._price(id(mask))
             if scale > 0:
                 if mask.grad is None:
                     mask.grad = torch.zeros_like(mask)
@@ -374,12 +479,150 @@ class SparseConnectivityLearning(Callback):
             if mask.grad is not None and mode != "none":
                 normalize_per_feature(mask.grad, mode, eps, inplace=True)
 
+    # -- lambda control ---------------------------------------------------------------------
+
+    @property
+    def needs_flops(self) -> bool:
+        """Whether the engine needs each layer's FLOPs itself (``penalty="flops"`` or a FLOPs
+        target), whatever the monitor logs."""
+        return self.penalty == "flops" or (
+            self.controller is not None and self.controller.kind == "flops"
+        )
+
+    def _trace(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Each masked layer's multiply-adds per connection, from the one fvcore trace."""
+        example = pl_module.example_input_array
+        if not isinstance(example, Tensor):
+            example = example_from_batch(batch)
+        what = "penalty='flops'" if self.penalty == "flops" else "target_flops"
+        if example is None:
+            raise ValueError(
+                f"SparseConnectivityLearning: {what} needs each layer's FLOPs, but no input "
+                "tensor was found in the batch to trace them: set the module's "
+                "example_input_array"
+            )
+        network = self._network(pl_module)
+        try:
+            counts = flop_counts(network, example)
+        except Exception as err:  # tracing other people's modules can fail in many ways
+            raise ValueError(
+                f"SparseConnectivityLearning: {what} needs each layer's FLOPs, but tracing them "
+                f"failed ({type(err).__name__}: {err}); set the module's example_input_array "
+                "to an input its forward accepts"
+            ) from err
+        masked = 0
+        for key, layer in self._layers.items():
+            flops = counts.layers.get(self._names[key], 0)
+            masked += flops
+            self._cost[key] = flops / layer.mask.numel()
+        self._flop_counts = counts
+        c = self.controller
+        if c is not None and c.kind == "flops":
+            floor = (counts.total - masked) / max(counts.total, 1)
+            if c.target <= floor:
+                raise ValueError(
+                    f"target_flops={c.target:g} is out of reach: the layers that are not masked "
+                    f"need {floor:.4f} of the dense FLOPs ({counts.total - masked:,} of "
+                    f"{counts.total:,} per sample); choose target_flops above {floor:.4f}"
+                )
+
+    def _scale(self) -> float:
+        """``C`` with every connection on: what lambda's starting value is relative to."""
+        return sum(self._price(key) * layer.mask.numel() for key, layer in self._layers.items())
+
+    @torch.no_grad()
+    def reduction(self) -> float:
+        """What a target is measured on, now: the sparsity of the masked layers, or for a FLOPs
+        target ``1 - effective / dense`` FLOPs of one sample."""
+        if not self._layers:
+            return 0.0
+        active = torch.stack([(layer.mask > 0).sum() for layer in self._layers.values()]).tolist()
+        if self.controller is None or self.controller.kind == "sparsity":
+            return 1.0 - sum(active) / self._total
+        if self._flop_counts is None:
+            return 0.0
+        removed = sum(
+            self._cost[key] * (layer.mask.numel() - on)
+            for (key, layer), on in zip(self._layers.items(), active, strict=True)
+        )
+        return removed / max(self._flop_counts.total, 1)
+
+    def _target_end(self, trainer: pl.Trainer, step: int) -> int:
+        """The optimizer step by which the schedule reaches the target."""
+        if self.target_step is not None:
+            return self.target_step
+        accumulate = max(int(trainer.accumulate_grad_batches), 1)
+        batches = trainer.num_training_batches
+        per_epoch = math.ceil(batches / accumulate) if math.isfinite(batches) else None
+        if self.target_epoch is not None:
+            if not per_epoch:
+                raise ValueError(
+                    "target_epoch needs epochs of known length (a sized dataloader): give "
+                    "target_step instead"
+                )
+            return self.target_epoch * per_epoch
+        total = trainer.estimated_stepping_batches
+        if self.freeze_masks_epoch is not None and per_epoch:
+            total = min(total, self.freeze_masks_epoch * per_epoch)
+        if not math.isfinite(total):
+            raise ValueError(
+                "a target needs to know when to reach it, and this run has no end (no "
+                "max_epochs or max_steps): give target_step or target_epoch"
+            )
+        return step + round(DEFAULT_TARGET_FRACTION * (total - step))
+
+    def _control(self, trainer: pl.Trainer) -> None:
+        c = self.controller
+        assert c is not None
+        step = trainer.global_step
+        if step == c.last_step:
+            return
+        value = self.reduction()
+        if not c.started:
+            crossing = self.mask_init / (self.mask_lr * self.lr_scale)
+            c.start(step, self._target_end(trainer, step), value, self._scale(), crossing)
+        c.update(step, value)
+
+    def _after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Freeze once the target is held (if asked); log lambda and the gap."""
+        c = self.controller
+        assert c is not None
+        if not c.started or c.last_value is None:
+            return
+        if (
+            self.freeze_at_target
+            and c.frozen_step is None
+            and c.held(trainer.global_step, self.reduction())
+        ):
+            c.frozen_step = trainer.global_step
+            rank_zero_info(
+                f"SparseConnectivityLearning: target held at step {trainer.global_step} "
+                f"(lam {c.lam:.3g}); masks are frozen from here on"
+            )
+        if not logs_this_step(trainer):
+            return
+        pl_module.log("lam", c.lam, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        reference = c.reference(c.last_step)
+        row = {
+            "budget/lam": c.lam,
+            "budget/gap": c.gap(c.last_value),
+            "budget/reference": reference if c.kind == "sparsity" else 1.0 - reference,
+            "budget/frozen": float(c.frozen_step is not None),
+        }
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics(row, step=step)
+
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._monitoring:
             self.monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self.needs_flops and self._flop_counts is None and self._layers:
+            self._trace(pl_module, batch)
 
     @override
     def on_train_batch_end(
@@ -400,7 +643,9 @@ class SparseConnectivityLearning(Callback):
             self._collapse.min_connections or trainer.global_step % every == 0
         ):
             self._collapse.check(self._network(pl_module), warn=trainer.is_global_zero)
-        if not self._lam_shown:
+        if self.controller is not None:
+            self._after_step(trainer, pl_module)
+        elif not self._lam_shown:
             # the penalty weight, shown next to the sparsity it drives (progress bar only; it
             # stays there for the epoch, and Lightning's `log` is not free)
             pl_module.log(
@@ -413,14 +658,42 @@ class SparseConnectivityLearning(Callback):
         self._lam_shown = False
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        c = self.controller
+        if c is None or not c.started or c.start_step is None:
+            return
+        # a run stopped early (max_steps, a kill) before the schedule's end is not a miss
+        if trainer.global_step < (c.end_step or 0):
+            return
+        gap = c.gap(self.reduction())
+        if abs(gap) > TARGET_WARN_GAP:
+            what = "target_sparsity" if c.kind == "sparsity" else "target_flops"
+            rank_zero_warn(
+                f"SparseConnectivityLearning: {what}={c.target:g} missed by {gap:+.4f} at the "
+                f"end of training ({trainer.global_step - c.start_step} mask-learning steps, "
+                f"lam {c.lam:.3g}). "
+                + (
+                    "Too short a run cannot prune that far: train longer or raise mask_lr."
+                    if (gap < 0) == (c.kind == "sparsity")
+                    else "Pruned connections rarely come back: reach the target later "
+                    "(target_epoch) or lower control_gain."
+                )
+            )
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._monitoring:
             self.monitor.on_train_epoch_end(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"monitor": self.monitor.state_dict()}
+        state: dict[str, Any] = {"monitor": self.monitor.state_dict()}
+        if self.controller is not None:
+            state["controller"] = self.controller.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.monitor.load_state_dict(state_dict.get("monitor", {}))
+        if self.controller is not None and "controller" in state_dict:
+            self.controller.load_state_dict(state_dict["controller"])

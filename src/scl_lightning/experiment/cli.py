@@ -465,6 +465,10 @@ def _parse_error_line(err: ArgumentError) -> str:
                 f"{where}{value!r} is not an importable class (give its full import path, "
                 "e.g. scl_lightning.data.DigitsDataModule)"
             )
+        kinds = re.findall(r"- Expected a <class '(\w+)'>", text)
+        if kinds and set(kinds) <= {"float", "int", "str", "bool", "NoneType"}:
+            names = [("null" if k == "NoneType" else f"a {k}") for k in kinds]
+            return f"{where}expected {' or '.join(names)}, got {value!r}"
         return f"{where}{value!r} is not a valid value"
     if key and key.group(2):  # the reason on the key's own line
         return f"{where}{key.group(2)}"
