@@ -20,7 +20,7 @@ CONFIG ?= configs/digits_mlp.yaml
 ARGS ?=
 # Benchmarks to run; a script whose name starts with "_" is a helper, not a benchmark.
 # The Fashion-MNIST result studies take hours: `make results` runs them (`make bench` does not).
-RESULTS_BENCH := bench/frontier.py bench/ablations.py bench/scl_variants.py bench/mask_diagnosis.py
+RESULTS_BENCH := bench/frontier.py bench/ablations.py bench/scl_variants.py bench/mask_diagnosis.py bench/budgets.py
 BENCH ?= $(filter-out bench/_% $(RESULTS_BENCH),$(sort $(wildcard bench/*.py)))
 
 # torch is installed first, on its own and pinned: an unpinned torch pulls GBs of CUDA packages.

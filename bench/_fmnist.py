@@ -29,6 +29,8 @@ NETS: dict[str, dict[str, Any]] = {
     # no test split: "test" accuracy is the 20% validation split's)
     "digits_mlp": {"backbone": "lenet_300_100", "lr": 0.05, "data": "digits"},
 }
+#: the Fashion-MNIST networks (the frontier, ablation, variant and diagnosis studies)
+FMNIST_NETS = [name for name, net in NETS.items() if net.get("data") != "digits"]
 BATCH_SIZE = 128
 
 
@@ -54,6 +56,20 @@ def prepare(args: Any, quick: dict[str, Any]) -> bool:
 def arm_key(arm: dict[str, Any]) -> str:
     """A stable identity of an arm (its settings, not its results)."""
     return json.dumps({k: arm[k] for k in sorted(arm) if not k.startswith("_")}, sort_keys=True)
+
+
+def gmp_at(run: dict[str, Any], **labels: Any) -> dict[str, Any]:
+    """The gradual magnitude pruning arm at exactly the sparsity ``run`` reached, with its net,
+    epochs and seed, and ``labels`` that say what it is matched to."""
+    a = run["arm"]
+    return {
+        "net": a["net"],
+        "epochs": a["epochs"],
+        "method": "gmp",
+        "seed": a["seed"],
+        "sparsity": round(run["sparsity"], 4),
+        **labels,
+    }
 
 
 def done_keys(path: Path) -> set[str]:
@@ -308,7 +324,7 @@ def run_arm(arm: dict[str, Any]) -> dict[str, Any]:
         "optimizer": optimizer,
         "sparsify": method not in ("dense", "modelpruning"),  # "fixed": lam 0
     }
-    targets = ("target_sparsity", "target_flops", "freeze_at_target")
+    targets = ("target_sparsity", "target_flops", "target_epoch", "target_step", "freeze_at_target")
     if not any(key in arm for key in targets):  # with a target the controller sets lambda
         kwargs["lam"] = arm.get("lam", 0.0)
     scl_keys = ("ste", "mask_grad_norm", "mask_lr", "mask_init", "freeze_masks_epoch", *targets)

@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _fmnist import NETS, prepare, read_results, run_arms
+from _fmnist import FMNIST_NETS, prepare, read_results, run_arms
 
 ROOT = Path(__file__).resolve().parents[1]
 STES = ("identity", "leaky_relu", "softplus", "hardtanh")
@@ -148,7 +148,7 @@ def report(net: str, results: list[dict], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nets", nargs="+", default=["lenet5", "lenet300"], choices=list(NETS))
+    parser.add_argument("--nets", nargs="+", default=["lenet5", "lenet300"], choices=FMNIST_NETS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument(
         "--lambdas",

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _fmnist import NETS, prepare, read_results, run_arms
+from _fmnist import FMNIST_NETS, prepare, read_results, run_arms
 
 ROOT = Path(__file__).resolve().parents[1]
 # lambdas meant to span ~80-99.5% sparsity at the default epochs (from the planning runs:
@@ -171,7 +171,7 @@ def plot(net: str, rows: list[dict], out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    parser.add_argument("--nets", nargs="+", default=FMNIST_NETS, choices=FMNIST_NETS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lambdas", nargs="+", type=float, default=None)
     parser.add_argument(

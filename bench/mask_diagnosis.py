@@ -31,7 +31,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _fmnist import NETS, arm_key, load_on_sets, prepare, read_results, run_arms, save_on_sets
+from _fmnist import (
+    FMNIST_NETS,
+    arm_key,
+    gmp_at,
+    load_on_sets,
+    prepare,
+    read_results,
+    run_arms,
+    save_on_sets,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = {"lenet300": 10, "lenet5": 5}
@@ -56,16 +65,7 @@ def scl_arm(net: str, epochs: int, lam: float, seed: int) -> dict[str, Any]:
 
 
 def gmp_arm(scl: dict[str, Any]) -> dict[str, Any]:
-    a = scl["arm"]
-    return {
-        "net": a["net"],
-        "epochs": a["epochs"],
-        "method": "gmp",
-        "seed": a["seed"],
-        "sparsity": round(scl["sparsity"], 4),
-        "matched_lam": a["lam"],
-        "study": "diagnosis",
-    }
+    return gmp_at(scl, matched_lam=scl["arm"]["lam"], study="diagnosis")
 
 
 def fixed_arm(scl: dict[str, Any], source: str) -> dict[str, Any]:
@@ -181,7 +181,7 @@ def report(net: str, results: list[dict], masks: Path, out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nets", nargs="+", default=["lenet300"], choices=list(NETS))
+    parser.add_argument("--nets", nargs="+", default=["lenet300"], choices=FMNIST_NETS)
     parser.add_argument("--lambdas", nargs="+", type=float, default=None, help="default: per net")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="default: 10 / 5 per net")

@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _fmnist import NETS, arm_key, prepare, read_results, run_arms
+from _fmnist import FMNIST_NETS, arm_key, gmp_at, prepare, read_results, run_arms
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = {"lenet300": 10, "lenet5": 5}
@@ -73,15 +73,7 @@ def scl_arms(net: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def gmp_arm(scl: dict[str, Any]) -> dict[str, Any]:
     a = scl["arm"]
-    arm = {
-        "net": a["net"],
-        "epochs": a["epochs"],
-        "method": "gmp",
-        "seed": a["seed"],
-        "sparsity": round(scl["sparsity"], 4),
-        "variant": a["variant"],
-        "matched_lam": a["lam"],
-    }
+    arm = gmp_at(scl, variant=a["variant"], matched_lam=a["lam"])
     arm.update({k: a[k] for k in SHARED if k in a})
     return arm
 
@@ -117,7 +109,7 @@ def report(net: str, results: list[dict], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nets", nargs="+", default=["lenet300"], choices=list(NETS))
+    parser.add_argument("--nets", nargs="+", default=["lenet300"], choices=FMNIST_NETS)
     parser.add_argument("--lambdas", nargs="+", type=float, default=[4e-6, 3e-5])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--variants", nargs="+", default=list(variants(10)))
