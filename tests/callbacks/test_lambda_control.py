@@ -321,3 +321,30 @@ def test_flops_target_is_reached(tmp_path):
     assert fraction == pytest.approx(effective / counts.total, rel=1e-6)
     assert abs(fraction - 0.3) / 0.3 < 0.1
     assert math.isfinite(module.lam) and module.lam > 0
+
+
+class _Plain(pl.LightningModule):
+    """Someone else's module, no SCL in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_the_drop_in_takes_a_target_too(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    engine = SparseConnectivityLearning(target_sparsity=0.8, target="net", flops=False)
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=30, limit_train_batches=1.0, limit_val_batches=0, callbacks=[engine]
+    )
+    module = _Plain()
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    assert abs(global_sparsity(module.net) - 0.8) < 0.01
+    assert engine.lam == engine.controller.lam > 0
