@@ -33,7 +33,7 @@ from scl_lightning.callbacks.mask_group import (
 )
 from scl_lightning.callbacks.sparsity_monitor import SparsityMonitor
 from scl_lightning.nn.collapse import LayerCollapseGuard
-from scl_lightning.nn.flops import FlopCounts, example_from_batch, flop_counts
+from scl_lightning.nn.flops import FlopCounts, example_for, flop_counts
 from scl_lightning.nn.masked import MaskedLayer, validate_mask_init
 from scl_lightning.nn.normalize import normalize_per_feature, validate_norm_mode
 from scl_lightning.nn.sparsify import maskable_modules, masked_modules, sparsify
@@ -235,6 +235,8 @@ class SparseConnectivityLearning(Callback):
         #: per-connection price of each layer (id(mask) -> 1, 1 / N or multiply-adds)
         self._cost: dict[int, float] = {}
         self._flop_counts: FlopCounts | None = None
+        #: the "flops" prices as a tensor, for penalty_value: ((dtype, device), tensor)
+        self._prices: tuple[Any, Tensor] | None = None
         self._wrapped: pl.LightningModule | None = None
         self._adopted: list[MaskGradientNormalization] = []
 
@@ -290,10 +292,13 @@ class SparseConnectivityLearning(Callback):
         count = stacked.sum()
         if self.penalty == "count":
             return count, self.lam * count
-        costs = torch.tensor(
-            [self._price(key) for key in self._layers], dtype=dtype, device=stacked.device
-        )
-        return count, self.lam * (stacked * costs).sum()
+        if self.penalty == "density":
+            return count, self.lam * count / max(self._total, 1)
+        key = (dtype, stacked.device)
+        if self._prices is None or self._prices[0] != key:
+            prices = [self._price(k) for k in self._layers]
+            self._prices = (key, torch.tensor(prices, dtype=dtype, device=stacked.device))
+        return count, self.lam * (stacked * self._prices[1]).sum()
 
     def _price(self, key: int) -> float:
         """What one active connection of the layer with mask ``key`` costs in ``C``."""
@@ -491,9 +496,7 @@ class SparseConnectivityLearning(Callback):
 
     def _trace(self, pl_module: pl.LightningModule, batch: Any) -> None:
         """Each masked layer's multiply-adds per connection, from the one fvcore trace."""
-        example = pl_module.example_input_array
-        if not isinstance(example, Tensor):
-            example = example_from_batch(batch)
+        example = example_for(pl_module, batch)
         what = "penalty='flops'" if self.penalty == "flops" else "target_flops"
         if example is None:
             raise ValueError(
@@ -516,6 +519,7 @@ class SparseConnectivityLearning(Callback):
             masked += flops
             self._cost[key] = flops / layer.mask.numel()
         self._flop_counts = counts
+        self._prices = None
         c = self.controller
         if c is not None and c.kind == "flops":
             floor = (counts.total - masked) / max(counts.total, 1)
@@ -592,7 +596,7 @@ class SparseConnectivityLearning(Callback):
         if (
             self.freeze_at_target
             and c.frozen_step is None
-            and c.held(trainer.global_step, self.reduction())
+            and c.held(trainer.global_step, c.last_value)
         ):
             c.frozen_step = trainer.global_step
             rank_zero_info(

@@ -11,7 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from scl_lightning.callbacks._logging import active_wandb_loggers, logs_this_step
-from scl_lightning.nn.flops import FlopCounts, example_from_batch, flop_counts
+from scl_lightning.nn.flops import FlopCounts, example_for, flop_counts
 from scl_lightning.nn.stats import connectivity
 
 __all__ = ["SparsityMonitor"]
@@ -187,11 +187,7 @@ class SparsityMonitor(Callback):
     def _trace(self, pl_module: pl.LightningModule, batch: Any) -> None:
         if not self.flops or self.flop_counts is not None or self._flops_failed:
             return
-        example = self.example_input
-        if example is None and isinstance(pl_module.example_input_array, Tensor):
-            example = pl_module.example_input_array
-        if example is None:
-            example = example_from_batch(batch)
+        example = example_for(pl_module, batch, self.example_input)
         if example is None:
             self._flops_failed = True
             rank_zero_warn(

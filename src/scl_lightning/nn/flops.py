@@ -27,6 +27,7 @@ __all__ = [
     "FlopCounts",
     "count_flops",
     "dense_view",
+    "example_for",
     "example_from_batch",
     "flop_counts",
     "maskable_connectivity",
@@ -77,6 +78,17 @@ def example_from_batch(batch: Any) -> Tensor | None:
             if isinstance(value, Tensor):
                 return value[:1]
     return None
+
+
+def example_for(module: nn.Module, batch: Any, given: Tensor | None = None) -> Tensor | None:
+    """The input to trace ``module`` with: ``given``, else the module's ``example_input_array``
+    (a Lightning module's), else one sample of ``batch`` (:func:`example_from_batch`)."""
+    if given is not None:
+        return given
+    example = getattr(module, "example_input_array", None)
+    if isinstance(example, Tensor):
+        return example
+    return example_from_batch(batch)
 
 
 @torch.no_grad()
