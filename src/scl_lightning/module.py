@@ -119,7 +119,7 @@ class SCLModule(pl.LightningModule):
         target_sparsity: ask for this global sparsity (masked layers), in ``[0, 1)``, instead
             of a ``lam``: the engine adapts lambda to reach it (``docs/guide.md``, "Budgets").
         target_flops: ask for these effective FLOPs per sample, as a fraction of dense.
-        target_epoch, target_step: when the target must be reached (default: 60% of the way
+        target_epoch, target_step: when the target must be reached (default: 20% of the way
             through the mask-learning phase).
         freeze_at_target: freeze the masks once the target is held within
             ``target_tolerance``; the rest of the run fine-tunes.

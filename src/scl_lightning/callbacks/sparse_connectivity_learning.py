@@ -44,7 +44,7 @@ __all__ = ["SparseConnectivityLearning", "masks_trainable", "validate_phases"]
 #: lambda when neither ``lam`` nor a target is given
 DEFAULT_LAM = 2e-5
 #: the share of the mask-learning phase by which a target is reached, unless told otherwise
-DEFAULT_TARGET_FRACTION = 0.6
+DEFAULT_TARGET_FRACTION = 0.2
 #: a final gap to the target beyond this (sparsity, or FLOPs fraction) is warned about
 TARGET_WARN_GAP = 0.01
 Penalty = Literal["count", "density", "flops"]
@@ -135,7 +135,8 @@ class SparseConnectivityLearning(Callback):
         target_flops: the effective FLOPs per sample to reach, as a fraction of dense, in
             ``(0, 1)``; it must be above what the layers that are not masked need.
         target_epoch: the epoch by whose start the target is reached; ``target_step`` the
-            optimizer step. Default: 60% of the way through the mask-learning phase.
+            optimizer step. Default: 20% of the way through the mask-learning phase; the rest
+            holds the target while the weights settle.
         freeze_at_target: freeze the masks (the fine-tune phase starts) once the target is
             reached and held within ``target_tolerance``.
         target_tolerance: how close counts as holding the target (``freeze_at_target``).
