@@ -6,32 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import pruned_net as _net
 from scl_lightning import sparsify
 from scl_lightning.deploy.compact import Conv2dWithBiasMap, compact
-from scl_lightning.models import create_model
-
-
-def _prune(model: nn.Module, keep: float = 0.1, dead_rows: float = 0.3, seed: int = 0) -> None:
-    """Random masks: about ``keep`` of the connections, and whole units cut off."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "mask"):
-                on = torch.rand(module.mask.shape, generator=g) < keep
-                module.mask.copy_(torch.where(on, 1.0, -1.0))
-                module.mask[torch.rand(module.mask.shape[0], generator=g) < dead_rows] = -1.0
-            if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
-                # trained-looking statistics: a dead channel's constant is then nonzero
-                module.running_mean.uniform_(-1, 1, generator=g)
-                module.running_var.uniform_(0.5, 2, generator=g)
-                module.bias.data.uniform_(-1, 1, generator=g)
-
-
-def _net(name: str, shape: tuple[int, ...], **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    model = sparsify(create_model(name, input_shape=shape))
-    _prune(model, **kwargs)
-    return model.eval()
 
 
 @pytest.mark.parametrize(
@@ -125,5 +102,5 @@ def test_untraceable_network_is_one_clear_error():
         def forward(self, x):
             return self.fc(x) if x.sum() > 0 else x
 
-    with pytest.raises(ValueError, match="torch.fx cannot trace Branchy"):
+    with pytest.raises(ValueError, match=r"torch\.fx cannot trace Branchy"):
         compact(sparsify(Branchy()), torch.randn(2, 3))

@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -148,9 +147,7 @@ def _value_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if not (u.op == "call_method" and u.target in ("size", "dim"))]
 
 
-def _find_chain(
-    node: fx.Node, modules: dict[str, nn.Module]
-) -> tuple[_Chain | None, str]:
+def _find_chain(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[_Chain | None, str]:
     """Follow ``node`` (a weight layer) to the one weight layer its output reaches."""
     between: list[fx.Node] = []
     current = node
@@ -193,9 +190,7 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(meta.shape)
 
 
-def _channel_constants(
-    chain: _Chain, graph_module: fx.GraphModule, dead: Tensor
-) -> Tensor | None:
+def _channel_constants(chain: _Chain, graph_module: fx.GraphModule, dead: Tensor) -> Tensor | None:
     """What each dead channel of the producer is at the consumer's input, or None if the
     channel-wise operations do not keep it constant (e.g. an average pool over padding)."""
     producer = graph_module.get_submodule(chain.producer)
@@ -386,7 +381,9 @@ def compact(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, Compact
         ValueError: if the network cannot be traced by ``torch.fx`` (data-dependent control
             flow), with the tracer's reason.
     """
-    dense = export_pruned(model) if any(True for _ in masked_modules(model)) else copy.deepcopy(model)
+    dense = (
+        export_pruned(model) if any(True for _ in masked_modules(model)) else copy.deepcopy(model)
+    )
     dense.eval()
     report = CompactReport(params_before=_count(dense))
     try:
