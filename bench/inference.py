@@ -158,8 +158,13 @@ def bench_net(
         "sparsity": connectivity(model).sparsity,
         "flops": {f: r.flops_after for f, r in reports.items()},
         "flops_dense": reports["compact"].flops_before,
-        "params": {f: r.params_after for f, r in reports.items()},
-        "bytes": {f: r.bytes_after for f, r in reports.items()},
+        "params": {
+            "dense": reports["compact"].params_before,
+            "masked": 2 * reports["compact"].params_before,
+        }
+        | {f: r.params_after for f, r in reports.items()},
+        "bytes": {"dense": reports["compact"].bytes_before}
+        | {f: r.bytes_after for f, r in reports.items()},
         "notes": {f: r.notes for f, r in reports.items() if r.notes},
     }
     for batch, key, rounds, per_round in (
@@ -226,8 +231,8 @@ def table(r: dict[str, Any]) -> str:
         lines.append(
             f"| {form} | {flops:,} | {dense_flops / flops:.1f}x | {lat[form] * 1e6:.0f} us | "
             f"{lat['dense'] / lat[form]:.2f}x | {256 / thr[form]:,.0f} /s | "
-            f"{thr['dense'] / thr[form]:.2f}x | {r['params'].get(form, '-')!s} | "
-            f"{r['bytes'].get(form, '-')!s} | "
+            f"{thr['dense'] / thr[form]:.2f}x | {r['params'].get(form, '-'):,} | "
+            f"{r['bytes'].get(form, '-'):,} | "
             + (f"{acc['test_acc']:.4f} | {acc['differ_from_masked']} |" if acc else "- | - |")
         )
     for form, notes in r["notes"].items():
