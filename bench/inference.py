@@ -160,7 +160,7 @@ def bench_net(
         "flops_dense": reports["compact"].flops_before,
         "params": {
             "dense": reports["compact"].params_before,
-            "masked": 2 * reports["compact"].params_before,
+            "masked": sum(p.numel() for p in model.parameters()),  # weights and masks
         }
         | {f: r.params_after for f, r in reports.items()},
         "bytes": {"dense": reports["compact"].bytes_before}
@@ -214,6 +214,10 @@ def check_predictions(
     } | {"images": int(y.numel())}
 
 
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
 def table(r: dict[str, Any]) -> str:
     lat, thr = r["latency_s"], r["throughput_s"]
     lines = [
@@ -231,8 +235,8 @@ def table(r: dict[str, Any]) -> str:
         lines.append(
             f"| {form} | {flops:,} | {dense_flops / flops:.1f}x | {lat[form] * 1e6:.0f} us | "
             f"{lat['dense'] / lat[form]:.2f}x | {256 / thr[form]:,.0f} /s | "
-            f"{thr['dense'] / thr[form]:.2f}x | {r['params'].get(form, '-'):,} | "
-            f"{r['bytes'].get(form, '-'):,} | "
+            f"{thr['dense'] / thr[form]:.2f}x | {_count(r['params'].get(form))} | "
+            f"{_count(r['bytes'].get(form))} | "
             + (f"{acc['test_acc']:.4f} | {acc['differ_from_masked']} |" if acc else "- | - |")
         )
     for form, notes in r["notes"].items():
