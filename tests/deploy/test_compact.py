@@ -8,7 +8,7 @@ from torch import nn
 
 from _helpers import pruned_net as _net
 from scl_lightning import sparsify
-from scl_lightning.deploy.compact import Conv2dWithBiasMap, compact
+from scl_lightning.deploy.compact import Conv2dWithBiasMap, LinearOnSelectedInputs, compact
 
 
 @pytest.mark.parametrize(
@@ -57,6 +57,20 @@ def test_mlp_units_without_inputs_or_readers_are_removed_exactly():
     assert report.removed["2"] == (3, 2)
     assert report.folded["2"] == 1
     x = torch.randn(8, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+
+
+def test_input_features_nothing_reads_are_skipped():
+    model = sparsify(nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 2)))
+    with torch.no_grad():
+        model[1].mask[:, :5] = -1.0  # the first 5 pixels feed nothing (an image's border)
+    x = torch.randn(3, 1, 4, 4)
+    small, report = compact(model, x)
+    first = small.get_submodule("1")
+    assert isinstance(first, LinearOnSelectedInputs)
+    assert report.inputs["1"] == (16, 11) and first.weight.shape == (4, 11)
+    assert "reads 11 of 16 input features" in report.summary()
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x))
 

@@ -67,8 +67,7 @@ def _checkpoint_of(source: Path) -> tuple[Path, Path]:
         raise FileNotFoundError(f"{source} does not exist: pass a run directory or a .ckpt file")
     if source.suffix in (".safetensors", ".pt2", ".onnx"):
         raise ValueError(
-            f"{source} is an export, not a checkpoint: export from the run's directory or its "
-            ".ckpt"
+            f"{source} is an export, not a checkpoint: export from the run's directory or its .ckpt"
         )
     return source, source.parent
 

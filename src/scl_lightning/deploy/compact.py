@@ -40,7 +40,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from scl_lightning.nn.sparsify import export_pruned, masked_modules
 
-__all__ = ["CompactReport", "Conv2dWithBiasMap", "compact"]
+__all__ = ["CompactReport", "Conv2dWithBiasMap", "LinearOnSelectedInputs", "compact"]
 
 #: modules that act on each channel on its own (what may sit between two layers of a chain)
 _CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
@@ -91,6 +91,8 @@ class CompactReport:
 
     Attributes:
         removed: per weight layer, ``(channels before, channels after)`` of its output.
+        inputs: per first ``Linear``, ``(input features before, after)``: the network's input
+            features it no longer reads are skipped (:class:`LinearOnSelectedInputs`).
         folded: per consumer layer, how many constant input channels were folded into its bias.
         kept: the weight layers whose outputs could not be compacted, with the reason.
         params_before, params_after: parameter counts (masks not counted) of the pruned dense
@@ -98,6 +100,7 @@ class CompactReport:
     """
 
     removed: dict[str, tuple[int, int]] = field(default_factory=dict)
+    inputs: dict[str, tuple[int, int]] = field(default_factory=dict)
     folded: dict[str, int] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)
     params_before: int = 0
@@ -110,6 +113,10 @@ class CompactReport:
                 f"  {name}: {before} -> {after} outputs"
                 for name, (before, after) in self.removed.items()
                 if before != after
+            ),
+            *(
+                f"  {name}: reads {after} of {before} input features"
+                for name, (before, after) in self.inputs.items()
             ),
             *(f"  {name}: kept ({why})" for name, why in self.kept.items()),
         ]
@@ -242,6 +249,17 @@ class Conv2dWithBiasMap(nn.Conv2d):
         return out + self.bias_map
 
 
+class LinearOnSelectedInputs(nn.Linear):
+    """A ``Linear`` that reads only the input features listed in ``inputs`` (a buffer of
+    indices): what :func:`compact` makes of a first layer whose weights on some inputs (image
+    borders, say) were all pruned, since the network's input itself cannot shrink."""
+
+    inputs: Tensor
+
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input.index_select(-1, self.inputs))
+
+
 def _select(param: Tensor | None, keep: Tensor, dim: int) -> nn.Parameter | None:
     if param is None:
         return None
@@ -359,7 +377,46 @@ def _pass(chain: _Chain, gm: fx.GraphModule, report: CompactReport) -> bool:
 
 
 def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters plus the constants compaction adds (bias maps)."""
+    maps = sum(m.bias_map.numel() for m in model.modules() if isinstance(m, Conv2dWithBiasMap))
+    return sum(p.numel() for p in model.parameters()) + maps
+
+
+_INPUT_PASSTHROUGH_METHODS = {"flatten", "view", "reshape", "contiguous"}
+
+
+def _select_inputs(
+    gm: fx.GraphModule, modules: dict[str, nn.Module], report: CompactReport
+) -> None:
+    """Give each ``Linear`` that reads the network's input directly (through flattening only)
+    just the input features it uses."""
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        current = node
+        while True:
+            users = _value_users(current)
+            if len(users) != 1:
+                break
+            (user,) = users
+            module = modules.get(str(user.target)) if user.op == "call_module" else None
+            if type(module) is nn.Linear:
+                used = module.weight.detach().ne(0).any(dim=0)
+                if not bool(used.all()) and bool(used.any()):
+                    keep = used.nonzero().flatten()
+                    _shrink_inputs(module, keep)
+                    module.__class__ = LinearOnSelectedInputs
+                    module.register_buffer("inputs", keep)
+                    report.inputs[str(user.target)] = (used.numel(), keep.numel())
+                break
+            passthrough = (
+                (user.op == "call_module" and isinstance(module, nn.Flatten | nn.Identity))
+                or (user.op == "call_function" and user.target is torch.flatten)
+                or (user.op == "call_method" and user.target in _INPUT_PASSTHROUGH_METHODS)
+            )
+            if not passthrough:
+                break
+            current = user
 
 
 @torch.no_grad()
@@ -413,6 +470,7 @@ def compact(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, Compact
             changed |= _pass(chain, gm, report)
         if not changed:
             break
+    _select_inputs(gm, modules, report)
     gm.recompile()
     report.params_after = _count(gm)
     # The layers were shrunk in place, so the network's own class now computes the compact
