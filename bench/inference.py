@@ -6,7 +6,8 @@ For each network: latency at batch 1 and throughput at batch 256 on this CPU for
 * ``masked``: the training-time masked layers (``w * H(m)`` at every call);
 * ``dense export``: ``scl export --format dense`` loaded into the plain architecture;
 * ``compact``: ``--format compact`` (the ``.pt2`` loaded with ``torch.export.load``);
-* ``sparse``: ``--format sparse`` (compact, Linear layers in CSR where measured faster);
+* ``sparse``: ``--format sparse`` (compact, Linear layers in CSR where measured faster,
+  ``.pt2``);
 * ``onnxruntime``: ``--format onnx`` run by an onnxruntime session;
 
 with the FLOPs ratio of each export beside its speed-up. Networks: Fashion-MNIST LeNet-300-100
@@ -122,7 +123,7 @@ def bench_net(
 ) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from scl_lightning.deploy.formats import SUFFIXES, export, load_export
+    from scl_lightning.deploy.formats import DEFAULT_NAMES, export_model, load_export
     from scl_lightning.nn.sparsify import export_pruned
     from scl_lightning.nn.stats import connectivity
 
@@ -134,8 +135,8 @@ def bench_net(
     forms["masked"] = model
     reports = {}
     for form, fmt in EXPORTS.items():
-        path = out_dir / f"model{SUFFIXES[fmt]}"
-        report = export(model, path, fmt, example, overwrite=True, batch_size=256)
+        path = out_dir / DEFAULT_NAMES[fmt]
+        report = export_model(model, path, fmt, example, overwrite=True, batch_size=256)
         reports[form] = report
         if fmt == "dense":
             forms[form] = load_export(path, model=copy.deepcopy(plain))
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = args.out.with_name(args.out.name + "_quick")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    from scl_lightning.deploy.cli import load_trained
+    from scl_lightning.experiment.export_cli import load_trained
 
     machine = (
         f"{platform.processor() or platform.machine()}, {platform.python_version()}, "

@@ -8,8 +8,8 @@ import torch
 from _helpers import quiet_trainer
 from scl_lightning import SCLModule
 from scl_lightning.data import DigitsDataModule
-from scl_lightning.deploy.cli import load_trained, main
 from scl_lightning.deploy.formats import load_export
+from scl_lightning.experiment.export_cli import load_trained, main
 
 pytest.importorskip("onnxruntime")
 
@@ -28,11 +28,17 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "fmt,suffix", [("dense", "safetensors"), ("compact", "pt2"), ("sparse", "pt"), ("onnx", "onnx")]
+    "fmt,name",
+    [
+        ("dense", "model.safetensors"),
+        ("compact", "model.pt2"),
+        ("sparse", "model_sparse.pt2"),
+        ("onnx", "model.onnx"),
+    ],
 )
-def test_export_writes_each_format_into_the_run(run_dir, fmt, suffix, capsys):
+def test_export_writes_each_format_into_the_run(run_dir, fmt, name, capsys):
     assert main([str(run_dir), "--format", fmt, "--batch-size", "8"]) == 0
-    out = run_dir / "export" / f"model.{suffix}"
+    out = run_dir / "export" / name
     assert out.is_file()
     printed = capsys.readouterr().out
     assert f"{fmt} -> {out}" in printed and "parameters" in printed and "FLOPs" in printed

@@ -1,4 +1,4 @@
-"""export(): every format writes, reports, loads back and predicts what the masked model does."""
+"""export_model(): every format writes, reports, loads back and predicts as the masked model."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from scl_lightning.deploy.formats import (
     FORMATS,
     SUFFIXES,
     SparseLinear,
-    export,
+    export_model,
     load_export,
     sparsify_linears,
 )
@@ -31,7 +31,7 @@ def lenet5():
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_reproduces_the_masked_model(tmp_path, lenet5, fmt):
     x = torch.randn(32, 1, 28, 28)
-    report = export(lenet5, tmp_path / f"net{SUFFIXES[fmt]}", fmt, x[:4])
+    report = export_model(lenet5, tmp_path / f"net{SUFFIXES[fmt]}", fmt, x[:4])
     assert report.path.is_file() and report.bytes_after == report.path.stat().st_size
     template = create_model("lenet5", input_shape=(1, 28, 28)) if fmt == "dense" else None
     loaded = load_export(report.path, model=template)
@@ -70,9 +70,9 @@ def test_an_existing_file_is_never_overwritten(tmp_path, lenet5):
     out = tmp_path / "net.pt2"
     out.write_bytes(b"precious")
     with pytest.raises(FileExistsError, match="already exists"):
-        export(lenet5, out, "compact", torch.randn(2, 1, 28, 28))
+        export_model(lenet5, out, "compact", torch.randn(2, 1, 28, 28))
     assert out.read_bytes() == b"precious"
-    export(lenet5, out, "compact", torch.randn(2, 1, 28, 28), overwrite=True)
+    export_model(lenet5, out, "compact", torch.randn(2, 1, 28, 28), overwrite=True)
     assert out.read_bytes() != b"precious"
 
 
@@ -81,6 +81,7 @@ def test_an_existing_file_is_never_overwritten(tmp_path, lenet5):
     [
         ({"format": "tflite", "path": "x.tflite"}, "unknown format 'tflite'; choose one of"),
         ({"format": "onnx", "path": "x.pt2"}, "a onnx export is a .onnx file"),
+        ({"format": "sparse", "path": "x.pt"}, "a sparse export is a .pt2 file"),
         ({"format": "compact", "path": "x.pt2", "plain": True}, "has no masked layer"),
     ],
 )
@@ -88,12 +89,12 @@ def test_bad_input_is_one_clear_error(tmp_path, lenet5, kwargs, match):
     model = create_model("lenet5", input_shape=(1, 28, 28)) if kwargs.pop("plain", 0) else lenet5
     path = tmp_path / kwargs.pop("path")
     with pytest.raises(ValueError, match=match):
-        export(model, path, example_input=torch.randn(2, 1, 28, 28), **kwargs)
+        export_model(model, path, example_input=torch.randn(2, 1, 28, 28), **kwargs)
     assert not path.exists()
 
 
 def test_dense_export_needs_the_architecture_to_load(tmp_path):
     model = sparsify(nn.Sequential(nn.Linear(4, 2)))
-    report = export(model, tmp_path / "d.safetensors", "dense", torch.randn(2, 4))
+    report = export_model(model, tmp_path / "d.safetensors", "dense", torch.randn(2, 4))
     with pytest.raises(ValueError, match="pass model="):
         load_export(report.path)

@@ -9,12 +9,13 @@ format       file             what it is
 ``compact``  ``.pt2``         :func:`~scl_lightning.deploy.compact.compact`: units and
                               channels nothing uses removed, smaller layers; saved with
                               ``torch.export`` (loads without scl_lightning, runs no code)
-``sparse``   ``.pt``          the compact network with each ``Linear`` stored and computed
+``sparse``   ``.pt2``         the compact network with each ``Linear`` stored and computed
                               in CSR where that was *measured* faster than dense on this
                               machine at the batch size given (convolutions stay dense:
                               torch has no sparse convolution on CPU; compact removes
-                              their dead channels instead); a pickled module, so load it
-                              only from a source you trust
+                              their dead channels instead); saved with ``torch.export``
+                              around the op ``scl_lightning::csr_linear``, so loading it
+                              needs scl_lightning imported
 ``onnx``     ``.onnx``        the compact network in ONNX, checked against onnxruntime
                               when written (needs the ``deploy`` extra)
 ===========  ===============  ==========================================================
@@ -46,10 +47,27 @@ from scl_lightning.deploy.export import _publish, save_pruned
 from scl_lightning.nn.flops import flop_counts
 from scl_lightning.nn.sparsify import export_pruned, masked_modules
 
-__all__ = ["FORMATS", "SUFFIXES", "ExportReport", "SparseLinear", "export", "load_export"]
+__all__ = [
+    "DEFAULT_NAMES",
+    "FORMATS",
+    "SUFFIXES",
+    "ExportReport",
+    "SparseLinear",
+    "csr_linear",
+    "export_model",
+    "load_export",
+    "sparsify_linears",
+]
 
 FORMATS = ("dense", "compact", "sparse", "onnx")
-SUFFIXES = {"dense": ".safetensors", "compact": ".pt2", "sparse": ".pt", "onnx": ".onnx"}
+SUFFIXES = {"dense": ".safetensors", "compact": ".pt2", "sparse": ".pt2", "onnx": ".onnx"}
+#: the file ``scl export`` writes in a run's ``export/`` folder unless told otherwise
+DEFAULT_NAMES = {
+    "dense": "model.safetensors",
+    "compact": "model.pt2",
+    "sparse": "model_sparse.pt2",
+    "onnx": "model.onnx",
+}
 #: largest difference allowed between onnxruntime's outputs and torch's on the example input
 ONNX_TOLERANCE = 1e-4
 
@@ -86,8 +104,31 @@ class ExportReport:
         return "\n".join(lines)
 
 
+@torch.library.custom_op("scl_lightning::csr_linear", mutates_args=())
+def csr_linear(
+    input: Tensor, crow: Tensor, col: Tensor, values: Tensor, out_features: int
+) -> Tensor:
+    """``input @ W.T`` for a ``(out_features, in)`` weight ``W`` given by its CSR components.
+
+    A torch custom op, so ``torch.export`` keeps it as one opaque call whose arguments are plain
+    dense tensors: the program saves to ``.pt2`` (sparse tensors themselves cannot be exported)
+    and loads wherever scl_lightning is imported."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        weight = torch.sparse_csr_tensor(crow, col, values, (out_features, input.shape[-1]))
+    return torch.sparse.mm(weight, input.t()).t().contiguous()
+
+
+@csr_linear.register_fake
+def _csr_linear_shape(
+    input: Tensor, crow: Tensor, col: Tensor, values: Tensor, out_features: int
+) -> Tensor:
+    return input.new_empty(input.shape[0], out_features)
+
+
 class SparseLinear(nn.Module):
-    """A ``Linear`` whose weight is a CSR tensor: ``y = x W^T + b`` with ``torch.sparse.mm``."""
+    """A ``Linear`` whose weight is stored as CSR components (``crow``, ``col``, ``values``:
+    ``nnz`` values instead of ``out x in``) and computed with ``torch.sparse.mm``."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -96,19 +137,21 @@ class SparseLinear(nn.Module):
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
             csr = linear.weight.detach().to_sparse_csr()
-        self.register_buffer("weight", csr)
+        # copies: a component view keeps the sparse tensor alive, which torch.export refuses
+        self.register_buffer("crow", csr.crow_indices().clone())
+        self.register_buffer("col", csr.col_indices().clone())
+        self.register_buffer("values", csr.values().clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
 
     def forward(self, input: Tensor) -> Tensor:
         flat = input.reshape(-1, self.in_features)
-        out = torch.sparse.mm(self.weight, flat.t()).t()
+        out = csr_linear(flat, self.crow, self.col, self.values, self.out_features)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*input.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        nnz = self.weight._nnz()  # type: ignore[attr-defined]
-        return f"in={self.in_features}, out={self.out_features}, nnz={nnz}"
+        return f"in={self.in_features}, out={self.out_features}, nnz={self.values.numel()}"
 
 
 def _best_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -149,15 +192,13 @@ def sparsify_linears(
 
 
 def _params_of(model: nn.Module) -> int:
-    count = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.layout == torch.sparse_csr:
-            count += tensor._nnz()  # type: ignore[attr-defined]
-        elif tensor.is_floating_point():
-            count += tensor.numel()
-    return count - sum(
-        b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))
-    )
+    """Parameters and the other stored weights (CSR values, bias maps), not BN statistics or
+    indices."""
+    count = sum(p.numel() for p in model.parameters())
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point() and not name.endswith(("running_mean", "running_var")):
+            count += buffer.numel()
+    return count
 
 
 def _flops(model: nn.Module, example: Tensor, nonzero_in: Iterable[str] = ()) -> int:
@@ -221,7 +262,14 @@ def _export_onnx(model: nn.Module, example: Tensor, path: Path) -> float:
     return diff
 
 
-def export(
+def _save_program(model: nn.Module, example: Tensor, path: Path) -> None:
+    """``torch.export`` the network with a dynamic batch and save it (``.pt2``)."""
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+
+
+def export_model(
     model: nn.Module,
     path: str | os.PathLike[str],
     format: str,
@@ -235,7 +283,7 @@ def export(
     Args:
         model: a masked network (:func:`~scl_lightning.sparsify`), not modified.
         path: the output file; its suffix must be the format's (``.safetensors``, ``.pt2``,
-            ``.pt``, ``.onnx``).
+            ``.onnx``).
         format: one of :data:`FORMATS`.
         example_input: one batch the network accepts (traces it, checks outputs).
         overwrite: replace ``path`` if it exists.
@@ -282,9 +330,7 @@ def export(
     notes = [f"{name}: kept, {why}" for name, why in compact_report.kept.items()]
     with _atomic(path, overwrite) as tmp:
         if format == "compact":
-            batch = torch.export.Dim("batch", min=1)
-            program = torch.export.export(small, (example,), dynamic_shapes=({0: batch},))
-            torch.export.save(program, str(tmp))
+            _save_program(small, example, tmp)
             result: nn.Module = small
             flops_after = _flops(small, example)
         elif format == "sparse":
@@ -292,7 +338,7 @@ def export(
             csr = [n for n, m in result.named_modules() if isinstance(m, SparseLinear)]
             flops_after = _flops(small, example, nonzero_in=csr)
             notes += timing
-            torch.save(result, tmp)
+            _save_program(result, example, tmp)
         else:
             diff = _export_onnx(small, example, tmp)
             notes.append(f"onnxruntime reproduces torch within {diff:.2g}")
@@ -329,8 +375,7 @@ class OnnxModule(nn.Module):
 def load_export(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
     """Load what :func:`export` wrote, as a module in eval mode.
 
-    ``.pt2`` (compact) loads with ``torch.export.load``; ``.pt`` (sparse) with ``torch.load``
-    (``weights_only=False``: a pickled module, load it only from a source you trust);
+    ``.pt2`` (compact, sparse) loads with ``torch.export.load`` (no pickle, no code runs);
     ``.onnx`` as an onnxruntime session; ``.safetensors`` (dense) into ``model``, the
     never-masked architecture, which is required for that format.
     """
@@ -339,9 +384,6 @@ def load_export(path: str | os.PathLike[str], model: nn.Module | None = None) ->
         raise FileNotFoundError(f"load_export: {path} does not exist")
     if path.suffix == ".pt2":
         return torch.export.load(str(path)).module()
-    if path.suffix == ".pt":
-        loaded = torch.load(path, weights_only=False)
-        return loaded.eval() if isinstance(loaded, nn.Module) else loaded
     if path.suffix == ".onnx":
         return OnnxModule(path)
     if path.suffix == ".safetensors":

@@ -496,7 +496,7 @@ def main(args: list[str] | None = None) -> None:
 
         raise SystemExit(report_main(argv[1:]))
     if argv[:1] == ["export"]:
-        from scl_lightning.deploy.cli import main as export_main
+        from scl_lightning.experiment.export_cli import main as export_main
 
         raise SystemExit(export_main(argv[1:]))
     try:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scl_lightning.deploy.formats import FORMATS, SUFFIXES, export
+from scl_lightning.deploy.formats import DEFAULT_NAMES, FORMATS, export_model
 
 __all__ = ["build_parser", "load_trained", "main"]
 
@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         metavar="PATH",
         default=None,
-        help="output file (default: RUN_DIR/export/model.<format suffix>, or beside the "
-        "checkpoint)",
+        help="output file (default: RUN_DIR/export/model.safetensors, model.pt2, "
+        "model_sparse.pt2 or model.onnx; beside a checkpoint given directly)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument(
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _checkpoint_of(source: Path) -> tuple[Path, Path]:
     """``(checkpoint, default output directory)`` for a run directory or a checkpoint."""
-    from scl_lightning.experiment.report.run import find_checkpoint
+    from scl_lightning.experiment.report.run import find_checkpoint  # a light import
 
     if source.is_dir():
         ckpt = find_checkpoint(source)
@@ -116,19 +116,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         ckpt, out_dir = _checkpoint_of(Path(args.source))
-        suffix = SUFFIXES[args.format]
+        name = DEFAULT_NAMES[args.format]
         if args.out is not None:
             out = Path(args.out)
         elif out_dir.name == "export":
-            out = out_dir / f"model{suffix}"
+            out = out_dir / name
         else:
-            out = out_dir / f"{ckpt.stem}{suffix}"
+            out = out_dir / f"{ckpt.stem}_{name}"
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"{out} already exists; pass --overwrite or --out another path")
         model, shape = load_trained(ckpt)
         example = torch.zeros(2, *shape)
         print(f"{PROG}: {ckpt} -> {args.format}", flush=True)
-        report = export(
+        report = export_model(
             model, out, args.format, example, overwrite=args.overwrite, batch_size=args.batch_size
         )
     except Exception as err:
