@@ -273,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.processor() or platform.machine()}, {platform.python_version()}, "
         f"torch {torch.__version__}"
     )
+    from scl_lightning.data import FashionMNISTDataModule
+
+    if FashionMNISTDataModule(download=False).folder is None:
+        skipped = [n for n in args.nets if n in RECIPES]
+        if skipped:
+            print(f"Fashion-MNIST is not installed (`make data`): skipping {', '.join(skipped)}")
+        args.nets = [n for n in args.nets if n not in RECIPES]
     for net in args.nets:
         print(f"== {net}", flush=True)
         if net in RECIPES:
