@@ -294,3 +294,61 @@ def test_mixed_granularities_in_one_network():
     sparsify(net)  # masks only what is still dense, with its own granularity
     assert [layer.granularity for _, layer in masked_modules(net)] == ["channel", "weight"]
     assert total_connections(net) == 12 + 6
+
+
+# -- torch.compile and channels_last ----------------------------------------------------------
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 5),
+    )
+    sparsify(net, granularity="channel")
+    with torch.no_grad():
+        for _, layer in masked_modules(net):
+            layer.mask.copy_(torch.randn_like(layer.mask))
+    return net
+
+
+def _grads(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = net(x)
+    out.square().mean().backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    return out.detach(), grads
+
+
+def test_channel_masks_compile_in_one_graph_and_match_eager():
+    net = _cnn()
+    x = torch.randn(2, 3, 6, 6)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(net)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    out_e, grads_e = _grads(net, x)
+    out_c, grads_c = _grads(torch.compile(net, backend="aot_eager", fullgraph=True), x)
+    torch.testing.assert_close(out_c, out_e)
+    assert grads_c.keys() == grads_e.keys()
+    for key, grad in grads_c.items():
+        torch.testing.assert_close(grad, grads_e[key], msg=key)
+
+
+def test_channel_masks_under_channels_last():
+    net = _cnn()
+    x = torch.randn(2, 3, 6, 6)
+    out_ref, grads_ref = _grads(net, x)
+    net = net.to(memory_format=torch.channels_last)
+    out, grads = _grads(net, x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[key], rtol=1e-4, atol=1e-5, msg=key)
+        if key.endswith(".mask"):
+            normalized = normalize_mask_gradient(grad.clone(), granularity="channel")
+            expect = normalize_mask_gradient(grad.contiguous(), granularity="channel")
+            torch.testing.assert_close(normalized, expect)
