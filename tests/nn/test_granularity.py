@@ -352,3 +352,22 @@ def test_channel_masks_under_channels_last():
             normalized = normalize_mask_gradient(grad.clone(), granularity="channel")
             expect = normalize_mask_gradient(grad.contiguous(), granularity="channel")
             torch.testing.assert_close(normalized, expect)
+
+
+def test_save_pruned_writes_whole_zero_rows_and_counts_connections(tmp_path):
+    from scl_lightning.deploy import load_pruned, save_pruned
+
+    net = sparsify(
+        nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)), granularity="channel"
+    )
+    with torch.no_grad():
+        net[0].mask[[1, 3]] = -1.0
+    tensors, meta = load_pruned(save_pruned(net, tmp_path / "net.safetensors"))
+    assert torch.all(tensors["0.weight"][[1, 3]] == 0) and torch.all(
+        tensors["0.weight"][[0, 2]] != 0
+    )
+    assert (meta["active_connections"], meta["total_connections"]) == ("24", "36")
+    plain = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    plain.load_state_dict(tensors, strict=True)
+    x = torch.randn(2, 6)
+    torch.testing.assert_close(plain(x), net(x))
