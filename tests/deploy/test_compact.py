@@ -61,6 +61,18 @@ def test_mlp_units_without_inputs_or_readers_are_removed_exactly():
         torch.testing.assert_close(small(x), model(x))
 
 
+def test_a_layer_with_every_unit_dead_keeps_one_that_is_never_read():
+    model = sparsify(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)))
+    with torch.no_grad():
+        model[0].mask.fill_(-1.0)  # every unit computes relu(bias): all folded into layer 2
+        model[0].bias.copy_(torch.tensor([0.5, -1.0, 2.0, 0.1, 0.3]))
+    small, report = compact(model, torch.randn(2, 4))
+    assert report.removed["0"] == (5, 1)
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+
+
 def test_input_features_nothing_reads_are_skipped():
     model = sparsify(nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 2)))
     with torch.no_grad():

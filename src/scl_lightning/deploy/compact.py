@@ -260,27 +260,31 @@ class LinearOnSelectedInputs(nn.Linear):
         return super().forward(input.index_select(-1, self.inputs))
 
 
-def _select(param: Tensor | None, keep: Tensor, dim: int) -> nn.Parameter | None:
-    if param is None:
-        return None
+def _select(param: Tensor, keep: Tensor, dim: int) -> nn.Parameter:
     return nn.Parameter(param.detach().index_select(dim, keep).clone(), param.requires_grad)
+
+
+def _layer(gm: nn.Module, name: str) -> nn.Linear | nn.Conv2d:
+    module = gm.get_submodule(name)
+    assert isinstance(module, nn.Linear | nn.Conv2d)
+    return module
 
 
 def _shrink_outputs(module: nn.Module, keep: Tensor) -> None:
     if isinstance(module, Conv2dWithBiasMap):
         module.bias_map = module.bias_map.index_select(0, keep).clone()
-    if isinstance(module, nn.Linear):
-        module.weight = _select(module.weight, keep, 0)  # type: ignore[assignment]
-        module.bias = _select(module.bias, keep, 0)
-        module.out_features = keep.numel()
-    elif isinstance(module, nn.Conv2d):
-        module.weight = _select(module.weight, keep, 0)  # type: ignore[assignment]
-        module.bias = _select(module.bias, keep, 0)
-        module.out_channels = keep.numel()
+    if isinstance(module, nn.Linear | nn.Conv2d):
+        module.weight = _select(module.weight, keep, 0)
+        if module.bias is not None:
+            module.bias = _select(module.bias, keep, 0)
+        if isinstance(module, nn.Linear):
+            module.out_features = keep.numel()
+        else:
+            module.out_channels = keep.numel()
     elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
         if module.affine:
-            module.weight = _select(module.weight, keep, 0)  # type: ignore[assignment]
-            module.bias = _select(module.bias, keep, 0)  # type: ignore[assignment]
+            module.weight = _select(module.weight, keep, 0)
+            module.bias = _select(module.bias, keep, 0)
         if module.running_mean is not None:
             module.running_mean = module.running_mean.index_select(0, keep).clone()
         if module.running_var is not None:
@@ -288,28 +292,28 @@ def _shrink_outputs(module: nn.Module, keep: Tensor) -> None:
         module.num_features = keep.numel()
 
 
-def _shrink_inputs(module: nn.Module, keep: Tensor) -> None:
-    module.weight = _select(module.weight, keep, 1)  # type: ignore[union-attr,assignment]
+def _shrink_inputs(module: nn.Linear | nn.Conv2d, keep: Tensor) -> None:
+    module.weight = _select(module.weight, keep, 1)
     if isinstance(module, nn.Linear):
         module.in_features = keep.numel()
     else:
-        assert isinstance(module, nn.Conv2d)
         module.in_channels = keep.numel()
 
 
-def _fold(consumer: nn.Module, columns: Tensor, values: Tensor) -> None:
+def _fold(consumer: nn.Linear | nn.Conv2d, columns: Tensor, values: Tensor) -> None:
     """Add the contribution of constant inputs (``columns`` of the weight's dim 1, holding
     ``values``) to ``consumer``'s bias."""
-    weight = consumer.weight.detach()  # type: ignore[union-attr]
-    w = weight.index_select(1, columns)
+    w = consumer.weight.detach().index_select(1, columns)
     shift = (w * values.reshape(1, -1, *([1] * (w.dim() - 2)))).flatten(1).sum(1)
-    if consumer.bias is None:  # type: ignore[union-attr]
-        consumer.bias = nn.Parameter(torch.zeros_like(shift))  # type: ignore[union-attr]
+    if consumer.bias is None:
+        consumer.bias = nn.Parameter(torch.zeros_like(shift))
     with torch.no_grad():
-        consumer.bias.add_(shift.to(consumer.bias.dtype))  # type: ignore[union-attr]
+        consumer.bias.add_(shift.to(consumer.bias.dtype))
 
 
-def _fold_map(consumer: nn.Conv2d, channels: Tensor, values: Tensor, in_shape: tuple) -> None:
+def _fold_map(
+    consumer: nn.Conv2d, channels: Tensor, values: Tensor, in_shape: tuple[int, ...]
+) -> None:
     """Like :func:`_fold` for a padded convolution: a constant per output position."""
     weight = consumer.weight.detach().index_select(1, channels)
     image = values.reshape(1, -1, 1, 1).expand(1, channels.numel(), *in_shape[2:])
@@ -319,7 +323,9 @@ def _fold_map(consumer: nn.Conv2d, channels: Tensor, values: Tensor, in_shape: t
     if not isinstance(consumer, Conv2dWithBiasMap):
         consumer.__class__ = Conv2dWithBiasMap
         consumer.register_buffer("bias_map", torch.zeros_like(contribution))
-    consumer.bias_map.add_(contribution.to(consumer.bias_map.dtype))
+    bias_map = consumer.bias_map
+    assert isinstance(bias_map, Tensor)
+    bias_map.add_(contribution.to(bias_map.dtype))
 
 
 def _expand(channels: Tensor, repeat: int) -> Tensor:
@@ -331,12 +337,12 @@ def _expand(channels: Tensor, repeat: int) -> Tensor:
 
 
 def _pass(chain: _Chain, gm: fx.GraphModule, report: CompactReport) -> bool:
-    producer = gm.get_submodule(chain.producer)
-    consumer = gm.get_submodule(chain.consumer)
-    channels = producer.weight.shape[0]  # type: ignore[union-attr,index]
-    read = consumer.weight.detach()  # type: ignore[union-attr]
+    producer = _layer(gm, chain.producer)
+    consumer = _layer(gm, chain.consumer)
+    channels = int(producer.weight.shape[0])
+    read = consumer.weight.detach()
     read = read.transpose(0, 1).reshape(channels, chain.repeat, -1).ne(0).any(dim=(1, 2))
-    fed = producer.weight.detach().flatten(1).ne(0).any(dim=1)  # type: ignore[union-attr]
+    fed = producer.weight.detach().flatten(1).ne(0).any(dim=1)
     dead = ~fed & read  # computed from nothing but read: a constant to fold
     remove = ~read
     if bool(dead.any()):
@@ -351,26 +357,29 @@ def _pass(chain: _Chain, gm: fx.GraphModule, report: CompactReport) -> bool:
             idx = idx[values[idx] != 0]  # a zero constant contributes nothing
             if idx.numel() == 0:
                 pass
-            elif isinstance(consumer, nn.Linear) or consumer.padding == (0, 0):  # type: ignore[union-attr]
+            elif isinstance(consumer, nn.Linear) or consumer.padding == (0, 0):
                 vals = values[idx].repeat_interleave(chain.repeat)
                 _fold(consumer, _expand(idx, chain.repeat), vals)
             else:
-                assert isinstance(consumer, nn.Conv2d)
                 _fold_map(consumer, idx, values[idx], chain.in_shape)
             report.folded[chain.consumer] = report.folded.get(chain.consumer, 0) + int(dead.sum())
             remove = remove | dead
     if not bool(remove.any()):
         return False
     keep = (~remove).nonzero().flatten()
-    if keep.numel() == 0:  # keep one channel: a layer of width 0 is not a module
-        keep = torch.zeros(1, dtype=torch.long)
-        if not bool(remove[0]) or channels == 1:
+    placeholder = keep.numel() == 0
+    if placeholder:  # keep one channel: a layer of width 0 is not a module
+        if channels == 1:
             return False
+        keep = torch.zeros(1, dtype=torch.long)
     _shrink_outputs(producer, keep)
     for node in chain.between:
         if node.op == "call_module":
             _shrink_outputs(gm.get_submodule(str(node.target)), keep)
     _shrink_inputs(consumer, _expand(keep, chain.repeat))
+    if placeholder:  # it was unread or folded already: the consumer must not read it again
+        with torch.no_grad():
+            consumer.weight.zero_()
     before = report.removed.get(chain.producer, (channels, channels))[0]
     report.removed[chain.producer] = (before, keep.numel())
     return True

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import os
 import secrets
@@ -151,7 +152,9 @@ class SparseLinear(nn.Module):
         return out.reshape(*input.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, nnz={self.values.numel()}"
+        values = self.values
+        assert isinstance(values, Tensor)
+        return f"in={self.in_features}, out={self.out_features}, nnz={values.numel()}"
 
 
 def _best_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -176,8 +179,8 @@ def sparsify_linears(
             continue
         x = torch.randn(batch_size, module.in_features)
         sparse = SparseLinear(module)
-        dense_s = _best_time(lambda m=module, x=x: m(x), repeats)
-        sparse_s = _best_time(lambda m=sparse, x=x: m(x), repeats)
+        dense_s = _best_time(functools.partial(module, x), repeats)
+        sparse_s = _best_time(functools.partial(sparse, x), repeats)
         density = float(module.weight.ne(0).float().mean())
         chosen = sparse_s < dense_s
         notes.append(
@@ -201,12 +204,18 @@ def _params_of(model: nn.Module) -> int:
     return count
 
 
+def _weight(module: nn.Module) -> Tensor:
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return weight
+
+
 def _flops(model: nn.Module, example: Tensor, nonzero_in: Iterable[str] = ()) -> int:
     """fvcore FLOPs of one sample; the layers named in ``nonzero_in`` count their nonzero
     weights only (they compute with a sparse format)."""
     counts = flop_counts(model, example[:1])
     fractions = {
-        name: float(model.get_submodule(name).weight.ne(0).float().mean())  # type: ignore[union-attr]
+        name: float(_weight(model.get_submodule(name)).ne(0).float().mean())
         for name in nonzero_in
         if name in counts.layers
     }
