@@ -5,6 +5,7 @@ For each network: latency at batch 1 and throughput at batch 256 on this CPU for
 * ``dense``: the plain architecture (what you would run without pruning);
 * ``masked``: the training-time masked layers (``w * H(m)`` at every call);
 * ``dense export``: ``scl export --format dense`` loaded into the plain architecture;
+* ``compact module``: :func:`~scl_lightning.deploy.compact`'s ``nn.Module``, in memory;
 * ``compact``: ``--format compact`` (the ``.pt2`` loaded with ``torch.export.load``);
 * ``sparse``: ``--format sparse`` (compact, Linear layers in CSR where measured faster,
   ``.pt2``);
@@ -52,7 +53,7 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "lenet5_94": ("configs/fmnist_lenet5.yaml", ["--model.lam", "4e-6"]),  # 94.3%
     "lenet5_channel": ("configs/fmnist_lenet5_channel.yaml", []),  # channels, 94.3%
 }
-FORMS = ["dense", "masked", "dense export", "compact", "sparse", "onnxruntime"]
+FORMS = ["dense", "masked", "dense export", "compact module", "compact", "sparse", "onnxruntime"]
 EXPORTS = {"dense export": "dense", "compact": "compact", "sparse": "sparse", "onnxruntime": "onnx"}
 
 
@@ -129,6 +130,7 @@ def bench_net(
 ) -> dict[str, Any]:
     import onnxruntime as ort
 
+    from scl_lightning.deploy import compact
     from scl_lightning.deploy.formats import DEFAULT_NAMES, export_model, load_export
     from scl_lightning.nn.sparsify import export_pruned
     from scl_lightning.nn.stats import connectivity
@@ -139,6 +141,7 @@ def bench_net(
     plain = export_pruned(model).eval()
     forms["dense"] = plain
     forms["masked"] = model
+    forms["compact module"] = compact(model, example)[0]
     reports = {}
     for form, fmt in EXPORTS.items():
         path = out_dir / DEFAULT_NAMES[fmt]
@@ -163,11 +166,13 @@ def bench_net(
     result: dict[str, Any] = {
         "net": name,
         "sparsity": connectivity(model).sparsity,
-        "flops": {f: r.flops_after for f, r in reports.items()},
+        "flops": {"compact module": reports["compact"].flops_after}
+        | {f: r.flops_after for f, r in reports.items()},
         "flops_dense": reports["compact"].flops_before,
         "params": {
             "dense": reports["compact"].params_before,
             "masked": sum(p.numel() for p in model.parameters()),  # weights and masks
+            "compact module": reports["compact"].params_after,
         }
         | {f: r.params_after for f, r in reports.items()},
         "bytes": {"dense": reports["compact"].bytes_before}

@@ -66,6 +66,20 @@ def test_sparse_chooses_csr_by_measurement_and_computes_the_same():
     torch.testing.assert_close(SparseLinear(layer)(x), want)
 
 
+def test_sparse_keeps_the_input_selection_of_a_first_layer():
+    from scl_lightning.deploy.compact import LinearOnSelectedInputs
+
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    layer.__class__ = LinearOnSelectedInputs
+    layer.register_buffer("inputs", torch.tensor([0, 2, 5, 7, 8, 9]))
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(SparseLinear(layer)(x), layer(x))
+    model, notes = sparsify_linears(nn.Sequential(layer), batch_size=4, repeats=2)
+    assert len(notes) == 1  # measured, like a plain Linear
+    torch.testing.assert_close(model(x), layer(x))
+
+
 def test_an_existing_file_is_never_overwritten(tmp_path, lenet5):
     out = tmp_path / "net.pt2"
     out.write_bytes(b"precious")

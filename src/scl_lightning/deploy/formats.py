@@ -35,7 +35,7 @@ import os
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from scl_lightning.deploy.compact import CompactReport, compact
+from scl_lightning.deploy.compact import CompactReport, LinearOnSelectedInputs, compact
 from scl_lightning.deploy.export import _publish, save_pruned
 from scl_lightning.nn.flops import flop_counts
 from scl_lightning.nn.sparsify import export_pruned, masked_modules
@@ -138,14 +138,20 @@ class SparseLinear(nn.Module):
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
             csr = linear.weight.detach().to_sparse_csr()
-        # copies: a component view keeps the sparse tensor alive, which torch.export refuses
-        self.register_buffer("crow", csr.crow_indices().clone())
-        self.register_buffer("col", csr.col_indices().clone())
+        col = csr.col_indices()
+        if isinstance(linear, LinearOnSelectedInputs):
+            # read the network's input directly: the selection moves into the column indices
+            col = linear.inputs[col]
+        # copies (a component view keeps the sparse tensor alive, which torch.export refuses),
+        # int32 where the sizes allow: torch's CSR kernels run faster on them
+        index = torch.int32 if max(col.numel(), csr.shape[1]) < 2**31 else torch.int64
+        self.register_buffer("crow", csr.crow_indices().to(index, copy=True))
+        self.register_buffer("col", col.to(index, copy=True))
         self.register_buffer("values", csr.values().clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
 
     def forward(self, input: Tensor) -> Tensor:
-        flat = input.reshape(-1, self.in_features)
+        flat = input.reshape(-1, input.shape[-1])
         out = csr_linear(flat, self.crow, self.col, self.values, self.out_features)
         if self.bias is not None:
             out = out + self.bias
@@ -175,9 +181,14 @@ def sparsify_linears(
     measured faster than dense for a batch of ``batch_size`` on this machine."""
     notes = []
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear:
+        if type(module) not in (nn.Linear, LinearOnSelectedInputs):
             continue
-        x = torch.randn(batch_size, module.in_features)
+        assert isinstance(module, nn.Linear)
+        # the network's input width for a first layer that selects its inputs
+        width = module.in_features
+        if isinstance(module, LinearOnSelectedInputs):
+            width = int(module.inputs.max()) + 1
+        x = torch.randn(batch_size, width)
         sparse = SparseLinear(module)
         dense_s = _best_time(functools.partial(module, x), repeats)
         sparse_s = _best_time(functools.partial(sparse, x), repeats)
@@ -204,22 +215,17 @@ def _params_of(model: nn.Module) -> int:
     return count
 
 
-def _weight(module: nn.Module) -> Tensor:
-    weight = module.weight
-    assert isinstance(weight, Tensor)
-    return weight
-
-
-def _flops(model: nn.Module, example: Tensor, nonzero_in: Iterable[str] = ()) -> int:
-    """fvcore FLOPs of one sample; the layers named in ``nonzero_in`` count their nonzero
-    weights only (they compute with a sparse format)."""
-    counts = flop_counts(model, example[:1])
-    fractions = {
-        name: float(_weight(model.get_submodule(name)).ne(0).float().mean())
-        for name in nonzero_in
-        if name in counts.layers
-    }
-    return counts.effective(fractions)[0]
+def _flops(model: nn.Module, example: Tensor, sparse: nn.Module | None = None) -> int:
+    """fvcore FLOPs (multiply-adds) of one sample of ``model``; with ``sparse`` (``model``
+    with some ``Linear`` layers made :class:`SparseLinear`), those layers count their stored
+    values instead (on a vector input: one multiply-add each)."""
+    total = flop_counts(model, example[:1]).total
+    for name, module in sparse.named_modules() if sparse is not None else []:
+        if isinstance(module, SparseLinear):
+            values = module.values
+            assert isinstance(values, Tensor)
+            total -= module.in_features * module.out_features - values.numel()
+    return total
 
 
 @contextlib.contextmanager
@@ -344,8 +350,7 @@ def export_model(
             flops_after = _flops(small, example)
         elif format == "sparse":
             result, timing = sparsify_linears(copy.deepcopy(small), batch_size)
-            csr = [n for n, m in result.named_modules() if isinstance(m, SparseLinear)]
-            flops_after = _flops(small, example, nonzero_in=csr)
+            flops_after = _flops(small, example, sparse=result)
             notes += timing
             _save_program(result, example, tmp)
         else:
