@@ -121,3 +121,32 @@ FAST = [
     "--trainer.limit_val_batches=2",
     "--trainer.enable_progress_bar=false",
 ]
+
+
+def prune_randomly(
+    model: nn.Module, keep: float = 0.1, dead_rows: float = 0.3, seed: int = 0
+) -> None:
+    """Random masks: about ``keep`` of the connections, and whole units cut off."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "mask"):
+                on = torch.rand(module.mask.shape, generator=g) < keep
+                module.mask.copy_(torch.where(on, 1.0, -1.0))
+                module.mask[torch.rand(module.mask.shape[0], generator=g) < dead_rows] = -1.0
+            if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
+                # trained-looking statistics: a dead channel's constant is then nonzero
+                module.running_mean.uniform_(-1, 1, generator=g)
+                module.running_var.uniform_(0.5, 2, generator=g)
+                module.bias.data.uniform_(-1, 1, generator=g)
+
+
+def pruned_net(name: str, shape: tuple[int, ...], **kwargs) -> nn.Module:
+    """A registry network, masked, with random masks (``prune_randomly``), in eval mode."""
+    from scl_lightning import sparsify
+    from scl_lightning.models import create_model
+
+    torch.manual_seed(0)
+    model = sparsify(create_model(name, input_shape=shape))
+    prune_randomly(model, **kwargs)
+    return model.eval()

@@ -114,8 +114,8 @@ MESSAGES: dict[str, list[str]] = {
     "ckpt_truncated": ["is not a readable PyTorch checkpoint", "it may be truncated"],
     "ckpt_other_architecture": [
         "is from another architecture:",
-        "load it into the model it was trained with (same backbone, num_classes, input_shape "
-        "and exclude)",
+        "load it into the model it was trained with (same backbone, num_classes, input_shape, "
+        "exclude and granularity)",
     ],
     "ckpt_other_backbone": [
         "was trained with backbone 'lenet_300_100' and this run builds 'small_cnn'; pass "
@@ -124,6 +124,11 @@ MESSAGES: dict[str, list[str]] = {
     "ckpt_mask_shapes": [
         "does not fit this model: mask model.layers.1.mask has shape (300, 3072) in the "
         "checkpoint and (300, 1728) in the model",
+    ],
+    "ckpt_granularity": [
+        "does not fit this model: its masks have granularity",
+        "; build the model with granularity=",
+        "(--model.granularity ",
     ],
     "evaluate_without_ckpt": [
         "scl validate needs a trained model: pass --ckpt_path PATH (a checkpoint file) or "
@@ -466,6 +471,17 @@ def test_checkpoint_with_other_mask_shapes(workdir, capsys):
     smaller = ["--data.image_size=24", "--data.val_resize=28"]
     for sub in ("fit", "validate"):
         _fails(capsys, [sub, *BASE, *IMAGENET, *smaller, f"--ckpt_path={ckpt}"], "ckpt_mask_shapes")
+    _kept(before, workdir)
+
+
+def test_checkpoint_of_the_other_mask_granularity(finished_run, workdir, capsys):
+    """A weight-granularity run resumed or validated with channel masks (one per unit)."""
+    ckpt = finished_run / "checkpoints" / "last.ckpt"
+    before = _hashes(workdir)
+    for sub in ("fit", "validate"):
+        args = [sub, *BASE, "--model.granularity=channel", f"--ckpt_path={ckpt}"]
+        line = _fails(capsys, args, "ckpt_granularity")
+        assert "'weight'" in line and "this model's 'channel'" in line
     _kept(before, workdir)
 
 

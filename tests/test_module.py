@@ -402,11 +402,13 @@ def test_a_mask_gradient_normalization_callback_is_taken_over_not_run_twice(tmp_
 
     monkeypatch.setattr(
         engine_module,
-        "normalize_per_feature",
-        counting("engine", engine_module.normalize_per_feature),
+        "normalize_mask_gradient",
+        counting("engine", engine_module.normalize_mask_gradient),
     )
     monkeypatch.setattr(
-        mgn_module, "normalize_per_feature", counting("callback", mgn_module.normalize_per_feature)
+        mgn_module,
+        "normalize_mask_gradient",
+        counting("callback", mgn_module.normalize_mask_gradient),
     )
     callback = MaskGradientNormalization("rms")
     module = SCLModule("lenet_300_100", lam=1e-3, constant_lr=True, **SMALL)

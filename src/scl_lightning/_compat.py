@@ -20,6 +20,20 @@ class CheckpointError(ValueError):
     objects that could run code when unpickled; or a state dict that does not fit the model."""
 
 
+def _granularity(state: dict[str, Any], mask_key: str) -> str | None:
+    """``"weight"`` or ``"channel"`` for the mask ``mask_key`` of a state dict, from its shape and
+    its layer's weight's (``None`` when that says neither)."""
+    mask = state.get(mask_key)
+    weight = state.get(mask_key[: -len("mask")] + "weight")
+    if not isinstance(mask, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return None
+    if mask.shape == weight.shape:
+        return "weight"
+    if mask.dim() == weight.dim() and mask.shape[:1] == weight.shape[:1] and mask[0].numel() == 1:
+        return "channel"
+    return None
+
+
 def check_compatible(
     expected: dict[str, Any], found: dict[str, Any], source: str = "the checkpoint"
 ) -> None:
@@ -36,8 +50,8 @@ def check_compatible(
         scl_lightning._compat.CheckpointError: the checkpoint does not fit this model: mask ...
     """
     hint = (
-        "load it into the model it was trained with (same backbone, num_classes, input_shape "
-        "and exclude)"
+        "load it into the model it was trained with (same backbone, num_classes, input_shape, "
+        "exclude and granularity)"
     )
 
     def shape(value: Any) -> tuple[int, ...] | None:
@@ -45,6 +59,15 @@ def check_compatible(
 
     for key in sorted(expected.keys() & found.keys()):
         if key.endswith(".mask") and shape(expected[key]) != shape(found[key]):
+            trained = _granularity(found, key)
+            built = _granularity(expected, key)
+            if trained and built and trained != built:
+                raise CheckpointError(
+                    f"{source} does not fit this model: its masks have granularity "
+                    f"{trained!r} (mask {key} has shape {shape(found[key])}) and this model's "
+                    f"{built!r}; build the model with granularity={trained!r} "
+                    f"(--model.granularity {trained})"
+                )
             raise CheckpointError(
                 f"{source} does not fit this model: mask {key} has shape {shape(found[key])} in "
                 f"the checkpoint and {shape(expected[key])} in the model; {hint}"

@@ -124,6 +124,11 @@ class SCLModule(pl.LightningModule):
         freeze_at_target: freeze the masks once the target is held within
             ``target_tolerance``; the rest of the run fine-tunes.
         control_gain: the controller's integral gain.
+        granularity: ``"weight"`` (one mask variable per connection, the paper's method) or
+            ``"channel"`` (one per output unit or channel: whole units are pruned, which a dense
+            device can turn into speed once the network is compacted; coarser, so usually less
+            accurate at the same sparsity). Counts, penalty, targets and logs stay in
+            connections. See ``docs/guide.md``, "Channel granularity".
 
     Raises:
         ValueError: for an invalid argument (the message names it and the bad value).
@@ -167,6 +172,7 @@ class SCLModule(pl.LightningModule):
         freeze_at_target: bool = False,
         target_tolerance: float = 0.005,
         control_gain: float = 1.0,
+        granularity: str = "weight",
     ) -> None:
         super().__init__()
         if not is_int(num_classes) or num_classes < 2:
@@ -201,6 +207,7 @@ class SCLModule(pl.LightningModule):
             freeze_at_target=freeze_at_target,
             target_tolerance=target_tolerance,
             control_gain=control_gain,
+            granularity=granularity,
         )
         if isinstance(backbone, str) and backbone.startswith(_MODULE_MARK):
             raise ValueError(
@@ -229,7 +236,12 @@ class SCLModule(pl.LightningModule):
             raise ValueError(f"backbone must be an nn.Module or a model name, got {backbone!r}")
         if sparsify:
             _sparsify(
-                backbone, exclude=exclude, mask_init=mask_init, ste=ste, ste_kwargs=ste_kwargs
+                backbone,
+                exclude=exclude,
+                mask_init=mask_init,
+                ste=ste,
+                ste_kwargs=ste_kwargs,
+                granularity=granularity,
             )
         self.model = backbone
         self._engine.collect_layers(backbone)

@@ -82,6 +82,10 @@ def test_fit_with_default_wandb_logger_runs_offline(workdir, monkeypatch):
         (["--model.lam=-1"], "scl: error: lam must be a finite number >= 0, got -1.0"),
         (["--model.backbone=nope"], "scl: error: unknown model 'nope'; available: "),
         (["--model.mask_lr=0"], "scl: error: mask_lr must be a finite number > 0, got 0.0"),
+        (
+            ["--model.granularity=filter"],
+            "scl: error: granularity must be one of 'weight', 'channel', got 'filter'",
+        ),
     ],
 )
 def test_bad_value_is_one_line(workdir, capsys, args, message):

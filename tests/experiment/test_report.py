@@ -206,6 +206,27 @@ def test_out_dir(run_dir, tmp_path, capsys):
     assert (tmp_path / "empty" / "report.md").is_file()
 
 
+def test_channel_granularity_run_is_counted_in_connections(tmp_path):
+    """`scl fit --model.granularity channel`: the masks have one entry per unit, summary.json
+    and the report count connections, and the checkpoint's masks recount the same."""
+    run = _fit(tmp_path, "digits_mlp.yaml", "--model.granularity=channel", "--model.mask_init=0.02")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["hyper_parameters"]["granularity"] == "channel"
+    state = ckpt["state_dict"]
+    masks = {k[: -len(".mask")]: v for k, v in state.items() if k.endswith(".mask")}
+    assert all(m.shape == (state[f"{n}.weight"].shape[0], 1) for n, m in masks.items())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["total_connections"] == 64 * 300 + 300 * 100 + 100 * 10
+    expected = sum(int((m > 0).sum()) * state[f"{n}.weight"].shape[1] for n, m in masks.items())
+    assert summary["active_connections"] == expected < summary["total_connections"]
+    assert report.main([str(run)]) == 0
+    md = (run / "report" / "report.md").read_text()
+    assert "Checkpoint masks agree with summary.json" in md
+    info = report.read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert sum(layer.active for layer in info.masks.values()) == expected
+    assert sum(layer.total for layer in info.masks.values()) == summary["total_connections"]
+
+
 def test_layers_fall_back_to_checkpoint_masks(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     layers = summary.pop("layers")

@@ -77,7 +77,8 @@ def prune_by_magnitude(model: nn.Module, sparsity: float, scope: Scope = "global
         The number of connections off afterwards.
 
     Raises:
-        ValueError: If ``model`` has no masked layers or ``sparsity`` is outside ``[0, 1)``.
+        ValueError: If ``model`` has no masked layers, has a layer masked with
+            ``granularity="channel"``, or ``sparsity`` is outside ``[0, 1)``.
 
     Example::
 
@@ -97,6 +98,13 @@ def prune_by_magnitude(model: nn.Module, sparsity: float, scope: Scope = "global
         raise ValueError(
             "the model has no masked layers: sparsify it first (scl_lightning.sparsify) or use "
             "SCLModule"
+        )
+    coarse = [name for name, layer in masked_modules(model) if layer.granularity != "weight"]
+    if coarse:
+        raise ValueError(
+            f"magnitude pruning scores single connections, but layer {coarse[0]!r} is masked with "
+            "granularity='channel' (one mask per unit); sparsify the model with "
+            "granularity='weight' for this baseline"
         )
     # |w| of active connections; -1 for connections already off (below every active one)
     scores = [

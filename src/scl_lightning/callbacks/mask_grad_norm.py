@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from scl_lightning.callbacks._precision import unscale_gradients
 from scl_lightning.nn.masked import MaskedLayer
-from scl_lightning.nn.normalize import normalize_per_feature, validate_norm_mode
+from scl_lightning.nn.normalize import normalize_mask_gradient, validate_norm_mode
 from scl_lightning.nn.sparsify import masked_modules
 
 __all__ = ["MaskGradientNormalization"]
@@ -21,7 +21,10 @@ class MaskGradientNormalization(Callback):
 
     Raw mask gradients differ by orders of magnitude between features and layers; dividing each
     feature's gradient (a row of a Linear weight, an output channel of a convolution) by its scale
-    makes one mask learning rate mean the same step size everywhere. It runs in
+    makes one mask learning rate mean the same step size everywhere. A layer masked with
+    ``granularity="channel"`` (one mask per feature) is normalized over the whole layer instead,
+    so its units keep their relative gradients
+    (:func:`~scl_lightning.nn.normalize.normalize_mask_gradient`). It runs in
     ``on_before_optimizer_step``, so it sees the gradient as it stands after backward (task and
     penalty together), accumulated over ``accumulate_grad_batches``, unscaled by AMP and reduced
     by DDP, and before gradient clipping and the optimizer step. Under ``16-mixed`` it first
@@ -83,7 +86,9 @@ class MaskGradientNormalization(Callback):
         for layer in self._layers:
             grad = layer.mask.grad
             if grad is not None:
-                normalize_per_feature(grad, self.mode, self.eps, inplace=True)
+                normalize_mask_gradient(
+                    grad, self.mode, self.eps, granularity=layer.granularity, inplace=True
+                )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r}, eps={self.eps})"

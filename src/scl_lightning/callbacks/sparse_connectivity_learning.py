@@ -34,8 +34,8 @@ from scl_lightning.callbacks.mask_group import (
 from scl_lightning.callbacks.sparsity_monitor import SparsityMonitor
 from scl_lightning.nn.collapse import LayerCollapseGuard
 from scl_lightning.nn.flops import FlopCounts, example_for, flop_counts
-from scl_lightning.nn.masked import MaskedLayer, validate_mask_init
-from scl_lightning.nn.normalize import normalize_per_feature, validate_norm_mode
+from scl_lightning.nn.masked import MaskedLayer, validate_granularity, validate_mask_init
+from scl_lightning.nn.normalize import normalize_mask_gradient, validate_norm_mode
 from scl_lightning.nn.sparsify import maskable_modules, masked_modules, sparsify
 from scl_lightning.nn.ste import get_ste
 
@@ -89,7 +89,8 @@ class SparseConnectivityLearning(Callback):
        ``lam * C`` to the mask gradients (``C`` = number of active connections, differentiated
        through each layer's estimator; ``C / N`` with ``penalty="density"``; with
        ``penalty="flops"`` each connection weighted by its multiply-adds per sample, so ``C``
-       is the effective FLOPs of the masked layers) and normalizes them per feature,
+       is the effective FLOPs of the masked layers) and normalizes them per feature (over the
+       whole layer for a ``granularity="channel"`` layer, whose features have one mask each),
     4. with ``target_sparsity`` or ``target_flops``, adapts ``lam`` every step so that the
        budget is reached by ``target_epoch``/``target_step`` and held
        (:mod:`~scl_lightning.callbacks.lambda_control`), and
@@ -141,6 +142,10 @@ class SparseConnectivityLearning(Callback):
             reached and held within ``target_tolerance``.
         target_tolerance: how close counts as holding the target (``freeze_at_target``).
         control_gain: the controller's integral gain (``log lam`` per step per unit of error).
+        granularity: what one mask variable switches in the layers this callback masks:
+            ``"weight"`` (one connection) or ``"channel"`` (every connection of one output unit
+            or channel; see :func:`~scl_lightning.nn.sparsify`). Layers masked before keep
+            their own. The penalty, the targets and the logs count connections either way.
 
     Raises:
         ValueError: for an invalid argument; in ``setup`` if ``target`` is not a submodule.
@@ -176,6 +181,7 @@ class SparseConnectivityLearning(Callback):
         freeze_at_target: bool = False,
         target_tolerance: float = 0.005,
         control_gain: float = 1.0,
+        granularity: str = "weight",
     ) -> None:
         validate_targets(
             lam, target_sparsity, target_flops, target_epoch, target_step, target_tolerance
@@ -211,6 +217,7 @@ class SparseConnectivityLearning(Callback):
             )
         self.ste = get_ste(ste, **(ste_kwargs or {}))
         self.mask_init = validate_mask_init(mask_init)
+        self.granularity = validate_granularity(granularity)
         # one pattern may be given as a plain string (as to `sparsify`): not its characters
         self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
         for pattern in self.exclude:
@@ -302,7 +309,8 @@ class SparseConnectivityLearning(Callback):
         return count, self.lam * (stacked * self._prices[1]).sum()
 
     def _price(self, key: int) -> float:
-        """What one active connection of the layer with mask ``key`` costs in ``C``."""
+        """What one active connection of the layer with mask ``key`` costs in ``C`` (a channel
+        mask's entry costs this times the connections it switches)."""
         if self.penalty == "count":
             return 1.0
         if self.penalty == "density":
@@ -332,7 +340,13 @@ class SparseConnectivityLearning(Callback):
             pl_module.configure_model()
         net = self._network(pl_module)
         if self.sparsify and not any(True for _ in masked_modules(net)):
-            sparsify(net, exclude=self.exclude, mask_init=self.mask_init, ste=self.ste)
+            sparsify(
+                net,
+                exclude=self.exclude,
+                mask_init=self.mask_init,
+                ste=self.ste,
+                granularity=self.granularity,
+            )
         self.collect_layers(net)
 
     def collect_layers(self, network: nn.Module) -> None:
@@ -340,7 +354,7 @@ class SparseConnectivityLearning(Callback):
         named = list(masked_modules(network))
         self._layers = {id(layer.mask): layer for _, layer in named}
         self._names = {id(layer.mask): name for name, layer in named}
-        self._total = sum(layer.mask.numel() for layer in self._layers.values())
+        self._total = sum(layer.connections for layer in self._layers.values())
 
     @property
     def has_masks(self) -> bool:
@@ -475,15 +489,20 @@ class SparseConnectivityLearning(Callback):
         else:
             mode, eps = self.normalize, self.eps
         for mask in masks:
+            layer = self._layers[id(mask)]
             scale = lam * self._price(id(mask))
+            if layer.per_mask != 1:
+                scale *= layer.per_mask  # a unit's mask switches fan-in connections at once
             if scale > 0:
                 if mask.grad is None:
                     mask.grad = torch.zeros_like(mask)
                 # the layer's own estimator, as in its forward pass: a network sparsified
                 # before this callback keeps the estimator it was given
-                self._layers[id(mask)].ste.add_proxy_(mask.grad, mask, scale)
+                layer.ste.add_proxy_(mask.grad, mask, scale)
             if mask.grad is not None and mode != "none":
-                normalize_per_feature(mask.grad, mode, eps, inplace=True)
+                normalize_mask_gradient(
+                    mask.grad, mode, eps, granularity=layer.granularity, inplace=True
+                )
 
     # -- lambda control ---------------------------------------------------------------------
 
@@ -518,7 +537,7 @@ class SparseConnectivityLearning(Callback):
         for key, layer in self._layers.items():
             flops = counts.layers.get(self._names[key], 0)
             masked += flops
-            self._cost[key] = flops / layer.mask.numel()
+            self._cost[key] = flops / layer.connections  # per connection, whatever the mask
         self._flop_counts = counts
         self._prices = None
         c = self.controller
@@ -533,7 +552,7 @@ class SparseConnectivityLearning(Callback):
 
     def _scale(self) -> float:
         """``C`` with every connection on: what lambda's starting value is relative to."""
-        return sum(self._price(key) * layer.mask.numel() for key, layer in self._layers.items())
+        return sum(self._price(key) * layer.connections for key, layer in self._layers.items())
 
     @torch.no_grad()
     def reduction(self) -> float:
@@ -541,13 +560,16 @@ class SparseConnectivityLearning(Callback):
         target ``1 - effective / dense`` FLOPs of one sample."""
         if not self._layers:
             return 0.0
-        active = torch.stack([(layer.mask > 0).sum() for layer in self._layers.values()]).tolist()
+        # connections: a channel mask that is on keeps the unit's fan-in connections
+        active = torch.stack(
+            [(layer.mask > 0).sum() * layer.per_mask for layer in self._layers.values()]
+        ).tolist()
         if self.controller is None or self.controller.kind == "sparsity":
             return 1.0 - sum(active) / self._total
         if self._flop_counts is None:
             return 0.0
         removed = sum(
-            self._cost[key] * (layer.mask.numel() - on)
+            self._cost[key] * (layer.connections - on)
             for (key, layer), on in zip(self._layers.items(), active, strict=True)
         )
         return removed / max(self._flop_counts.total, 1)

@@ -495,6 +495,10 @@ def main(args: list[str] | None = None) -> None:
         from scl_lightning.experiment.report import main as report_main
 
         raise SystemExit(report_main(argv[1:]))
+    if argv[:1] == ["export"]:
+        from scl_lightning.experiment.export_cli import main as export_main
+
+        raise SystemExit(export_main(argv[1:]))
     try:
         SCLCLI(
             SCLModule,
@@ -505,7 +509,8 @@ def main(args: list[str] | None = None) -> None:
             save_config_callback=SaveConfigToWandb,
             parser_kwargs={
                 "description": "Sparse Connectivity Learning with Lightning. Also: "
-                "`scl report RUN_DIR` writes plots and a Markdown summary of a finished run.",
+                "`scl report RUN_DIR` writes plots and a Markdown summary of a finished run; "
+                "`scl export RUN_DIR --format compact` a smaller, faster model.",
                 "exit_on_error": False,
             },
             args=args,

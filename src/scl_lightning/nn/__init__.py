@@ -2,13 +2,18 @@
 
 from scl_lightning.nn.collapse import LayerCollapseGuard, LayerCollapseWarning
 from scl_lightning.nn.masked import (
+    GRANULARITIES,
     MaskedConv1d,
     MaskedConv2d,
     MaskedConv3d,
     MaskedLayer,
     MaskedLinear,
 )
-from scl_lightning.nn.normalize import NORMALIZERS, normalize_per_feature
+from scl_lightning.nn.normalize import (
+    NORMALIZERS,
+    normalize_mask_gradient,
+    normalize_per_feature,
+)
 from scl_lightning.nn.sparsify import (
     MASKED_CLASSES,
     export_pruned,
@@ -42,6 +47,7 @@ from scl_lightning.nn.ste import (
 )
 
 __all__ = [
+    "GRANULARITIES",
     "MASKED_CLASSES",
     "NORMALIZERS",
     "STE",
@@ -71,6 +77,7 @@ __all__ = [
     "maskable_modules",
     "masked_modules",
     "masked_weight",
+    "normalize_mask_gradient",
     "normalize_per_feature",
     "register_ste",
     "sparsify",

@@ -91,7 +91,9 @@ class LayerCollapseGuard:
             if count < floor:
                 module = model.get_submodule(name)
                 assert isinstance(module, MaskedLayer)
-                _revive(module.mask, floor, self.revive_value)
+                # a channel mask switches fan-in connections at once: enough units for the floor
+                k = min(-(-floor // module.per_mask), module.mask.numel())
+                _revive(module.mask, k, self.revive_value)
         return low
 
 

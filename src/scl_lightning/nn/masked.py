@@ -1,9 +1,21 @@
 """Masked layers: ``nn.Linear`` and ``nn.ConvNd`` whose weight is ``w * H(m)``.
 
 Each masked layer *is* its dense parent class with one extra parameter, ``mask`` (the trainable
-mask variable ``m``, same shape as ``weight``), and an estimator ``ste``. ``weight`` and ``bias``
-keep their names, so pretrained state_dicts load, and the forward pass is the parent's own
-computation with the effective weight swapped in.
+mask variable ``m``), and an estimator ``ste``. ``weight`` and ``bias`` keep their names, so
+pretrained state_dicts load, and the forward pass is the parent's own computation with the
+effective weight swapped in.
+
+The mask's *granularity* says what one mask variable switches:
+
+* ``"weight"`` (default): one per connection, ``mask`` has the weight's shape.
+* ``"channel"``: one per output unit (a row of a Linear weight, an output channel of a
+  convolution), ``mask`` has shape ``(out, 1, ...)`` and broadcasts against the weight. A unit
+  whose mask is on keeps all of its ``fan_in`` connections (:attr:`MaskedLayer.per_mask`).
+
+Whatever the granularity, every count is in *connections* (weights):
+:meth:`~MaskedLayer.active_count`, :meth:`~MaskedLayer.forward_count`,
+:meth:`~MaskedLayer.active_connections` and :attr:`~MaskedLayer.connections`;
+:meth:`~MaskedLayer.hard_mask` has the weight's shape.
 """
 
 from __future__ import annotations
@@ -27,13 +39,19 @@ from scl_lightning.nn.ste import (
 )
 
 __all__ = [
+    "GRANULARITIES",
     "MaskedConv1d",
     "MaskedConv2d",
     "MaskedConv3d",
     "MaskedLayer",
     "MaskedLinear",
+    "mask_shape",
+    "validate_granularity",
     "validate_mask_init",
 ]
+
+#: What one mask variable switches: one connection, or every connection of one output unit.
+GRANULARITIES: tuple[str, ...] = ("weight", "channel")
 
 
 def validate_mask_init(mask_init: float) -> float:
@@ -48,6 +66,31 @@ def validate_mask_init(mask_init: float) -> float:
     return float(mask_init)
 
 
+def validate_granularity(granularity: str) -> str:
+    """Check a mask granularity: ``"weight"`` or ``"channel"``."""
+    if not isinstance(granularity, str) or granularity not in GRANULARITIES:
+        raise ValueError(
+            f"granularity must be one of {', '.join(repr(g) for g in GRANULARITIES)}, "
+            f"got {granularity!r}"
+        )
+    return granularity
+
+
+def mask_shape(weight_shape: tuple[int, ...] | torch.Size, granularity: str) -> tuple[int, ...]:
+    """The shape of the mask of a weight of ``weight_shape``: the same (``"weight"``), or
+    ``(out, 1, ...)`` (``"channel"``: one mask per output unit, broadcast over its fan-in).
+
+    Example::
+
+        >>> mask_shape((16, 3, 5, 5), "channel")
+        (16, 1, 1, 1)
+    """
+    shape = tuple(weight_shape)
+    if validate_granularity(granularity) == "weight":
+        return shape
+    return shape[:1] + (1,) * (len(shape) - 1)
+
+
 class MaskedLayer:
     """Mixin for a weight layer with a trainable connectivity mask.
 
@@ -59,14 +102,35 @@ class MaskedLayer:
     mask: nn.Parameter
     ste: STE
     dense_cls: type[nn.Module]
+    #: ``"weight"`` or ``"channel"`` (see the module's docstring); a class default so layers
+    #: pickled before the option existed load as what they were
+    granularity: str = "weight"
 
-    def _init_mask(self, mask_init: float = 1.0, ste: str | STE = "identity") -> None:
+    def _init_mask(
+        self, mask_init: float = 1.0, ste: str | STE = "identity", granularity: str = "weight"
+    ) -> None:
         mask_init = validate_mask_init(mask_init)
+        self.granularity = validate_granularity(granularity)
         self.ste = get_ste(ste)
         # never below float32, whatever the weight's dtype (see `_apply`)
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        mask = torch.full_like(self.weight, mask_init, dtype=dtype, requires_grad=False)
+        if granularity == "weight":
+            mask = torch.full_like(self.weight, mask_init, dtype=dtype, requires_grad=False)
+        else:
+            shape = mask_shape(self.weight.shape, granularity)
+            mask = torch.full(shape, mask_init, dtype=dtype, device=self.weight.device)
         self.register_parameter("mask", nn.Parameter(mask))  # type: ignore[attr-defined]
+
+    @property
+    def per_mask(self) -> int:
+        """Connections one mask variable switches: 1, or the fan-in of an output unit
+        (``granularity="channel"``)."""
+        return self.weight.numel() // max(self.mask.numel(), 1)
+
+    @property
+    def connections(self) -> int:
+        """The layer's number of connections (weights), whatever the mask's granularity."""
+        return self.weight.numel()
 
     def effective_weight(self) -> Tensor:
         """``weight * H(mask)``, differentiable in both through the layer's estimator."""
@@ -80,8 +144,22 @@ class MaskedLayer:
     def active_count(self) -> Tensor:
         """The layer's number of active connections ``sum(H(mask))`` for the mask's current
         values, a scalar differentiable in ``mask`` through the layer's estimator (see
-        :func:`scl_lightning.nn.ste.active_count`)."""
-        return active_count(self.mask, self.ste)
+        :func:`scl_lightning.nn.ste.active_count`). With ``granularity="channel"`` it is
+        ``fan_in * sum(H(mask))`` and its gradient ``fan_in * proxy(mask)``: a penalty on it
+        prices a unit's mask by the connections it switches."""
+        per = self.per_mask
+        if per == 1:
+            return active_count(self.mask, self.ste)
+        return active_count(self.mask, self.ste, per_entry=per)
+
+    @torch.no_grad()
+    def active_connections(self) -> Tensor:
+        """The number of connections active now, exactly, as a float scalar tensor (no
+        gradient; ``H(mask)`` counted, times the fan-in with ``granularity="channel"``)."""
+        per = self.per_mask
+        if per == 1:
+            return count_positive(self.mask)
+        return step(self.mask, count_dtype(self.mask, per)).sum().mul_(per)
 
     @torch.no_grad()
     def forward_count(self) -> Tensor:
@@ -95,8 +173,11 @@ class MaskedLayer:
         ref = self.__dict__.pop("_fresh_h", None)
         h = ref() if ref is not None else None
         if h is None:
-            return count_positive(self.mask)
-        return h.sum(dtype=count_dtype(self.mask))
+            return self.active_connections()
+        per = self.per_mask
+        if per == 1:
+            return h.sum(dtype=count_dtype(self.mask))
+        return h.sum(dtype=count_dtype(self.mask, per)).mul_(per)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # Masks never drop below float32. `module.to(torch.bfloat16)` (and Lightning's
@@ -122,30 +203,44 @@ class MaskedLayer:
         return state
 
     def hard_mask(self) -> Tensor:
-        """The binary connectivity ``H(mask)`` as a detached tensor of the weight's dtype."""
-        return step(self.mask.detach())
+        """The binary connectivity ``H(mask)`` of every connection, detached, in the mask's
+        dtype and the weight's shape (a channel mask is expanded over each unit's fan-in)."""
+        h = step(self.mask.detach())
+        if h.shape != self.weight.shape:
+            h = h.expand_as(self.weight).contiguous()
+        return h
 
     @classmethod
     def from_dense(
-        cls, module: nn.Module, *, mask_init: float = 1.0, ste: str | STE = "identity"
+        cls,
+        module: nn.Module,
+        *,
+        mask_init: float = 1.0,
+        ste: str | STE = "identity",
+        granularity: str = "weight",
     ) -> Any:
         """Turn a dense layer into this masked class *in place* and return it.
 
         The module keeps its identity, parameters, hooks and device; only its class changes and
-        a ``mask`` parameter is added (on the weight's device and dtype). This is the same
-        technique ``torch.nn.utils.parametrize`` uses.
+        a ``mask`` parameter is added (on the weight's device, of the weight's shape, or
+        ``(out, 1, ...)`` with ``granularity="channel"``). This is the same technique
+        ``torch.nn.utils.parametrize`` uses.
         """
+        validate_granularity(granularity)
         if type(module) is not cls.dense_cls:
             raise TypeError(
                 f"{cls.__name__}.from_dense expects exactly {cls.dense_cls.__name__}, "
                 f"got {type(module).__name__}"
             )
         module.__class__ = cls  # type: ignore[assignment]
-        cast(MaskedLayer, module)._init_mask(mask_init, ste)
+        cast(MaskedLayer, module)._init_mask(mask_init, ste, granularity)
         return module
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", ste={self.ste!r}"  # type: ignore[misc]
+        extra = super().extra_repr() + f", ste={self.ste!r}"  # type: ignore[misc]
+        if self.granularity != "weight":
+            extra += f", granularity={self.granularity!r}"
+        return extra
 
 
 class MaskedLinear(MaskedLayer, nn.Linear):
@@ -155,9 +250,11 @@ class MaskedLinear(MaskedLayer, nn.Linear):
         in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
         mask_init: initial value of every mask variable, > 0.
         ste: straight-through estimator, by name or instance.
+        granularity: ``"weight"`` (one mask per connection) or ``"channel"`` (one per output
+            unit, shape ``(out_features, 1)``).
 
     Raises:
-        ValueError: for a non-positive ``mask_init`` or an unknown ``ste``.
+        ValueError: for a non-positive ``mask_init``, an unknown ``ste`` or ``granularity``.
 
     Example::
 
@@ -167,6 +264,8 @@ class MaskedLinear(MaskedLayer, nn.Linear):
         >>> out = layer(torch.ones(1, 4))
         >>> bool(out[0, 0] == layer.bias[0])
         True
+        >>> MaskedLinear(4, 2, granularity="channel").mask.shape
+        torch.Size([2, 1])
     """
 
     dense_cls = nn.Linear
@@ -181,9 +280,10 @@ class MaskedLinear(MaskedLayer, nn.Linear):
         *,
         mask_init: float = 1.0,
         ste: str | STE = "identity",
+        granularity: str = "weight",
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._init_mask(mask_init, ste)
+        self._init_mask(mask_init, ste, granularity)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.effective_weight(), self.bias)
@@ -191,18 +291,23 @@ class MaskedLinear(MaskedLayer, nn.Linear):
 
 class _MaskedConvNd(MaskedLayer):
     def __init__(
-        self, *args: Any, mask_init: float = 1.0, ste: str | STE = "identity", **kwargs: Any
+        self,
+        *args: Any,
+        mask_init: float = 1.0,
+        ste: str | STE = "identity",
+        granularity: str = "weight",
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._init_mask(mask_init, ste)
+        self._init_mask(mask_init, ste, granularity)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.effective_weight(), self.bias)  # type: ignore[attr-defined]
 
 
 class MaskedConv1d(_MaskedConvNd, nn.Conv1d):
-    """``nn.Conv1d`` with weight ``w * H(m)``; arguments as for ``nn.Conv1d`` plus ``mask_init``
-    and ``ste`` (see :class:`MaskedLinear`)."""
+    """``nn.Conv1d`` with weight ``w * H(m)``; arguments as for ``nn.Conv1d`` plus ``mask_init``,
+    ``ste`` and ``granularity`` (see :class:`MaskedLinear`)."""
 
     dense_cls = nn.Conv1d
 
@@ -217,13 +322,15 @@ class MaskedConv2d(_MaskedConvNd, nn.Conv2d):
         torch.Size([4, 1, 3, 3])
         >>> conv(torch.randn(1, 4, 5, 5)).shape
         torch.Size([1, 4, 5, 5])
+        >>> MaskedConv2d(4, 8, 3, granularity="channel").mask.shape  # one mask per filter
+        torch.Size([8, 1, 1, 1])
     """
 
     dense_cls = nn.Conv2d
 
 
 class MaskedConv3d(_MaskedConvNd, nn.Conv3d):
-    """``nn.Conv3d`` with weight ``w * H(m)``; arguments as for ``nn.Conv3d`` plus ``mask_init``
-    and ``ste`` (see :class:`MaskedLinear`)."""
+    """``nn.Conv3d`` with weight ``w * H(m)``; arguments as for ``nn.Conv3d`` plus ``mask_init``,
+    ``ste`` and ``granularity`` (see :class:`MaskedLinear`)."""
 
     dense_cls = nn.Conv3d

@@ -5,6 +5,16 @@ gradients orders of magnitude larger than others, so one mask learning rate eith
 masks or throws the rest around. Normalizing each feature's mask gradient gives every feature the
 same step size. A *feature* is one output unit: a row of a Linear weight, an output channel of a
 convolution weight (dimension 0 of the weight).
+
+A layer masked with ``granularity="channel"`` has one mask variable per feature, so normalizing
+per feature would divide each scalar gradient by its own magnitude and leave only its sign:
+every unit would move by the same step, whatever the evidence for or against it, and the
+relative differences between units that decide which ones to prune would be lost. Such a layer's
+mask gradient is normalized **over the whole layer** instead
+(:func:`normalize_mask_gradient`): its units form one vector, scaled as one feature's vector is
+in the weight case (``rms``: RMS 1, so a typical unit moves by about ``mask_lr`` per step, as a
+typical connection does with weight granularity), so layers stay balanced against each other
+and units within a layer keep their ratios.
 """
 
 from __future__ import annotations
@@ -14,7 +24,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["NORMALIZERS", "NormMode", "normalize_per_feature", "validate_norm_mode"]
+__all__ = [
+    "NORMALIZERS",
+    "NormMode",
+    "normalize_mask_gradient",
+    "normalize_per_feature",
+    "validate_norm_mode",
+]
 
 NormMode = Literal["rms", "l2", "max", "none"]
 NORMALIZERS: tuple[str, ...] = ("rms", "l2", "max", "none")
@@ -73,3 +89,39 @@ def normalize_per_feature(
             grad.copy_(g.view_as(grad))
         return grad
     return (g / scale).to(grad.dtype).view_as(grad)
+
+
+def normalize_mask_gradient(
+    grad: Tensor,
+    mode: str = "rms",
+    eps: float = 1e-12,
+    *,
+    granularity: str = "weight",
+    inplace: bool = False,
+) -> Tensor:
+    """Normalize a masked layer's mask gradient as its granularity calls for.
+
+    ``"weight"``: per feature (:func:`normalize_per_feature`). ``"channel"`` (one mask variable
+    per feature, ``grad`` of shape ``(out, 1, ...)``): over the whole layer, as one feature, so
+    that the ratios between units survive (per feature, each would become ``+-1``: sign SGD);
+    see the module's docstring.
+
+    Raises:
+        ValueError: for an unknown ``mode``.
+
+    Example::
+
+        >>> import torch
+        >>> normalize_mask_gradient(torch.tensor([[3.0], [-4.0]]), "l2", granularity="channel")
+        tensor([[ 0.6000],
+                [-0.8000]])
+    """
+    if granularity == "weight":
+        return normalize_per_feature(grad, mode, eps, inplace=inplace)
+    flat = grad.reshape(1, -1)  # a view of a contiguous gradient, a copy otherwise
+    out = normalize_per_feature(flat, mode, eps, inplace=inplace)
+    if not inplace:
+        return out.view_as(grad)
+    if out.data_ptr() != grad.data_ptr() or not grad.is_contiguous():
+        grad.copy_(out.view_as(grad))
+    return grad

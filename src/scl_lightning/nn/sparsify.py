@@ -17,6 +17,7 @@ from scl_lightning.nn.masked import (
     MaskedConv3d,
     MaskedLayer,
     MaskedLinear,
+    validate_granularity,
     validate_mask_init,
 )
 from scl_lightning.nn.ste import STE, get_ste, step
@@ -86,6 +87,7 @@ def sparsify(
     mask_init: float = 1.0,
     ste: str | STE = "identity",
     ste_kwargs: Mapping[str, Any] | None = None,
+    granularity: str = "weight",
 ) -> M:
     """Give every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model`` a trainable mask, in place.
 
@@ -103,13 +105,19 @@ def sparsify(
         ste: straight-through estimator name (see :func:`~scl_lightning.nn.ste.available_stes`)
             or instance.
         ste_kwargs: hyper-parameters of a named estimator, e.g. ``{"alpha": 0.1}``.
+        granularity: ``"weight"`` (default: one mask variable per connection) or ``"channel"``
+            (one per output unit or channel, shape ``(out, 1, ...)``: a unit whose mask is on
+            keeps all of its connections, one that is off loses them all). Counts, the penalty
+            and sparsity stay in connections either way; see ``docs/guide.md``, "Channel
+            granularity".
 
     Returns:
         ``model`` itself.
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``.
-        ValueError: if nothing is left to mask, or for a bad ``mask_init``, ``ste`` or pattern.
+        ValueError: if nothing is left to mask, or for a bad ``mask_init``, ``ste``,
+            ``granularity`` or pattern.
 
     Example::
 
@@ -117,11 +125,14 @@ def sparsify(
         >>> net = sparsify(net, exclude=["2"])
         >>> [type(m).__name__ for m in net]
         ['MaskedConv2d', 'Flatten', 'Linear']
+        >>> sparsify(nn.Sequential(nn.Linear(8, 3)), granularity="channel")[0].mask.shape
+        torch.Size([3, 1])
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
     patterns = _normalize_patterns(exclude)
     mask_init = validate_mask_init(mask_init)
+    granularity = validate_granularity(granularity)
     estimator = get_ste(ste, **dict(ste_kwargs or {}))
 
     matched: set[str] = set()
@@ -151,7 +162,9 @@ def sparsify(
             f"mask{detail}; SCL needs at least one (check the model or the exclude patterns)"
         )
     for module in to_convert:
-        MASKED_CLASSES[type(module)].from_dense(module, mask_init=mask_init, ste=estimator)
+        MASKED_CLASSES[type(module)].from_dense(
+            module, mask_init=mask_init, ste=estimator, granularity=granularity
+        )
     return model
 
 
@@ -160,7 +173,8 @@ def export_pruned(model: M) -> M:
     """A copy of ``model`` made of plain torch layers with ``w * H(m)`` baked into the weights.
 
     The copy's ``state_dict`` loads with ``strict=True`` into the original, never-masked
-    architecture and gives the same outputs as the masked model. ``model`` is not modified.
+    architecture and gives the same outputs as the masked model (a unit switched off by a
+    ``granularity="channel"`` mask is a row, or filter, of zeros). ``model`` is not modified.
 
     Raises:
         ValueError: if ``model`` has no masked layer.
@@ -186,5 +200,6 @@ def export_pruned(model: M) -> M:
         dense_cls = module.dense_cls
         del module.mask  # removes the registered parameter
         del module.ste
+        module.__dict__.pop("granularity", None)
         module.__class__ = dense_cls  # type: ignore[assignment]
     return pruned

@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 from scl_lightning.nn.masked import MaskedLayer
 from scl_lightning.nn.sparsify import maskable_modules, masked_modules
-from scl_lightning.nn.ste import count_positive
 
 __all__ = [
     "Connectivity",
@@ -36,8 +35,9 @@ def _require_masked(model: nn.Module, fn: str) -> list:
 
 
 def total_connections(model: nn.Module) -> int:
-    """Number of connections (mask entries) of all masked layers of ``model``."""
-    return sum(layer.mask.numel() for _, layer in _require_masked(model, "total_connections"))
+    """Number of connections (weights) of all masked layers of ``model``: the mask entries, or
+    every unit's fan-in with ``granularity="channel"``."""
+    return sum(layer.connections for _, layer in _require_masked(model, "total_connections"))
 
 
 def connection_count(model: nn.Module, *, density: bool = False) -> Tensor:
@@ -45,8 +45,9 @@ def connection_count(model: nn.Module, *, density: bool = False) -> Tensor:
 
     The forward value is exact: a float32 scalar, or float64 when the model has more than
     ``2**24`` maskable connections (float32 holds every integer only up to there). Its gradient
-    with respect to each mask variable is that layer's estimator's proxy ``proxy(m)`` (divided
-    by the total count with ``density=True``).
+    with respect to each mask variable is that layer's estimator's proxy ``proxy(m)`` times the
+    connections it switches (1, or the unit's fan-in with ``granularity="channel"``), divided by
+    the total count with ``density=True``.
 
     Args:
         model: a network with masked layers.
@@ -63,7 +64,7 @@ def connection_count(model: nn.Module, *, density: bool = False) -> Tensor:
         tensor(6., grad_fn=<AddBackward0>)
     """
     layers = _require_masked(model, "connection_count")
-    total = sum(layer.mask.numel() for _, layer in layers)
+    total = sum(layer.connections for _, layer in layers)
     # never in half precision (a bfloat16 count is not exact above 256)
     dtype = torch.float64 if total > 2**24 else torch.float32
     count: Tensor = torch.zeros((), dtype=dtype, device=layers[0][1].mask.device)
@@ -137,7 +138,7 @@ class Connectivity:
 
     @property
     def total(self) -> int:
-        """Connections of the masked layers (the mask entries)."""
+        """Connections of the masked layers (their weights, whatever the mask granularity)."""
         return sum(c.total for c in self.counted)
 
     @property
@@ -180,7 +181,7 @@ def connectivity(model: nn.Module) -> Connectivity:
         masked = isinstance(module, MaskedLayer)
         entries.append((name, tuple(weight.shape), weight.numel(), masked))
         if masked:
-            counts.append(count_positive(cast(MaskedLayer, module).mask))
+            counts.append(cast(MaskedLayer, module).active_connections())
         else:
             counts.append(torch.tensor(float(weight.numel()), device=weight.device))
     if not entries:

@@ -50,12 +50,13 @@ def step(m: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return torch.gt(m.detach(), 0, out=torch.empty_like(m, dtype=dtype))
 
 
-def count_dtype(m: Tensor) -> torch.dtype:
-    """The dtype that sums ``H(m)`` exactly: at least float32, float64 above 2**24 entries."""
+def count_dtype(m: Tensor, per_entry: int = 1) -> torch.dtype:
+    """The dtype that sums ``H(m)`` exactly: at least float32, float64 above 2**24 entries
+    (above 2**24 connections when each entry of ``m`` stands for ``per_entry`` of them)."""
     # At least float32 (a bfloat16 count is not exact above 256), and float64 above 2**24
     # entries: a sum of 0s and 1s is exact while every partial sum is an integer that the
-    # accumulator represents exactly.
-    if m.numel() > 2**24:
+    # accumulator represents exactly; a count times `per_entry` is exact below 2**24 too.
+    if m.numel() * per_entry > 2**24:
         return torch.float64
     return torch.promote_types(m.dtype, torch.float32)
 
@@ -253,30 +254,45 @@ def get_ste(ste: str | STE, **kwargs: Any) -> STE:
 
 
 class _ActiveCount(torch.autograd.Function):
-    """``sum(H(m))`` as a scalar, with ``d/dm := proxy(m)``: one comparison pass forward (or
-    only a sum, of a given ``h = H(m)``), and for the identity estimator a broadcast scalar
-    backward (nothing the size of ``m``)."""
+    """``per_entry * sum(H(m))`` as a scalar, with ``d/dm := per_entry * proxy(m)``: one
+    comparison pass forward (or only a sum, of a given ``h = H(m)``), and for the identity
+    estimator a broadcast scalar backward (nothing the size of ``m``)."""
 
     @staticmethod
-    def forward(ctx: Any, m: Tensor, ste: STE, h: Tensor | None) -> Tensor:
+    def forward(ctx: Any, m: Tensor, ste: STE, h: Tensor | None, per_entry: int) -> Tensor:
         ctx.save_for_backward(m)
         ctx.ste = ste
+        ctx.per_entry = per_entry
+        if per_entry != 1:
+            dtype = count_dtype(m, per_entry)
+            count = step(m, dtype).sum() if h is None else h.sum(dtype=dtype)
+            return count.mul_(per_entry)
         if h is None:
             return count_positive(m)
         return h.sum(dtype=count_dtype(m))
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         (m,) = ctx.saved_tensors
-        return ctx.ste.scale(grad.to(m.dtype).expand_as(m), m), None, None
+        grad = grad.to(m.dtype)
+        if ctx.per_entry != 1:
+            grad = grad * ctx.per_entry
+        return ctx.ste.scale(grad.expand_as(m), m), None, None, None
 
 
-def active_count(m: Tensor, ste: STE | None = None, *, h: Tensor | None = None) -> Tensor:
+def active_count(
+    m: Tensor, ste: STE | None = None, *, h: Tensor | None = None, per_entry: int = 1
+) -> Tensor:
     """``H(m).sum()``, differentiable through ``ste`` like :func:`heaviside`, but without the
     ``H(m)`` tensor.
 
     ``h``, when given, must be ``step(m)`` for the current values of ``m`` (a masked layer's
     forward pass has computed it already): it is summed instead of comparing ``m`` again.
+
+    ``per_entry`` is the number of connections each entry of ``m`` switches: 1 for a mask of the
+    weight's shape, the fan-in for one mask per output unit (``granularity="channel"``). The
+    count is then ``per_entry * sum(H(m))`` connections and its gradient
+    ``per_entry * proxy(m)``, so a penalty on it prices every connection alike.
 
     Example::
 
@@ -286,7 +302,7 @@ def active_count(m: Tensor, ste: STE | None = None, *, h: Tensor | None = None) 
         >>> count, m.grad
         (tensor(2., grad_fn=<_ActiveCountBackward>), tensor([1., 1., 1.]))
     """
-    return _ActiveCount.apply(m, ste if ste is not None else _IDENTITY, h)
+    return _ActiveCount.apply(m, ste if ste is not None else _IDENTITY, h, int(per_entry))
 
 
 class _Heaviside(torch.autograd.Function):
@@ -322,7 +338,13 @@ class _MaskedWeight(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_w = grad * h
         if ctx.needs_input_grad[1]:
-            grad_m = ctx.ste.scale(grad * w, m)
+            gw = grad * w
+            if m.shape != w.shape:
+                # one mask entry per output unit (broadcast): its gradient is the sum over the
+                # connections it switches, accumulated in the mask's dtype (>= float32)
+                dims = [d for d in range(w.dim()) if m.shape[d] == 1 and w.shape[d] != 1]
+                gw = gw.sum(dim=dims, keepdim=True, dtype=m.dtype)
+            grad_m = ctx.ste.scale(gw, m)
         return grad_w, grad_m, None, None
 
 
@@ -345,7 +367,9 @@ def masked_weight(
     """The effective weight ``w * H(m)``, differentiable in ``w`` and (through ``ste``) in ``m``.
 
     ``h``, when given, must be ``step(m, w.dtype)`` (the caller computed it): it is used instead
-    of comparing ``m`` again.
+    of comparing ``m`` again. ``m`` may also broadcast against ``w`` (shape ``(out, 1, ...)``:
+    one mask per output unit); its gradient is then summed over the connections each entry
+    switches.
 
     Example::
 

@@ -276,11 +276,18 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
         if not (isinstance(key, str) and key.endswith(".mask") and isinstance(mask, torch.Tensor)):
             continue
         name = key[: -len(".mask")]
+        # in connections, as nn.stats counts: a mask of shape (out, 1, ...) (granularity
+        # "channel") switches every connection of its unit, the weight's row
+        weight = state.get(f"{name}.weight")
+        shape = tuple(mask.shape)
+        per = 1
+        if isinstance(weight, torch.Tensor) and weight.shape != mask.shape and mask.numel():
+            shape, per = tuple(weight.shape), weight.numel() // mask.numel()
         masks[name] = LayerStats(
             name=name,
-            shape=tuple(mask.shape),
-            active=int(count_positive(mask)),  # H(m) = 1[m > 0], as nn.stats counts
-            total=mask.numel(),
+            shape=shape,
+            active=int(count_positive(mask)) * per,  # H(m) = 1[m > 0], as nn.stats counts
+            total=mask.numel() * per,
         )
     hparams: dict[str, Any] = {}
     for key in ("datamodule_hyper_parameters", "hyper_parameters"):
