@@ -23,9 +23,10 @@ masked model's.
 
 Timing: every form is timed in the same rounds, interleaved (round r times all forms before
 round r+1), and the median over rounds is reported, so drift on a shared machine hits all forms
-alike. torch and onnxruntime get the same number of threads (``--threads``, default 1).
+alike. ResNet-56 gets a tenth of the batch-1 calls and, at batch 256, 3 rounds of 1 call.
+torch and onnxruntime get the same number of threads (``--threads``, default 1).
 
-    python bench/inference.py               # about 10 min on 2 cores (training included)
+    python bench/inference.py               # about 8 min (and 10 more to train, the first time)
     python bench/inference.py --quick       # a smoke run: short training, few timings
 """
 
@@ -179,9 +180,15 @@ def bench_net(
         | {f: r.bytes_after for f, r in reports.items()},
         "notes": {f: r.notes for f, r in reports.items() if r.notes},
     }
+    heavy = name not in RECIPES  # ResNet-56: about 2.5 s per batch of 256 on one core
     for batch, key, rounds, per_round in (
-        (1, "latency_s", args.rounds, args.calls_b1),
-        (256, "throughput_s", args.rounds, args.calls_b256),
+        (1, "latency_s", args.rounds, args.calls_b1 // 10 if heavy else args.calls_b1),
+        (
+            256,
+            "throughput_s",
+            min(args.rounds, 3) if heavy else args.rounds,
+            1 if heavy else args.calls_b256,
+        ),
     ):
         x = torch.randn(batch, *shape)
         inputs = {f: (x.numpy() if f == "onnxruntime" else x) for f in calls}

@@ -92,3 +92,12 @@ def test_a_run_without_masks_is_refused(tmp_path, capsys):
     trainer.save_checkpoint(ckpt)
     assert main([str(ckpt)]) == 2
     assert "holds no masks" in capsys.readouterr().err
+
+
+def test_the_scl_command_dispatches_export(run_dir, capsys):
+    from scl_lightning.experiment.cli import main as scl
+
+    with pytest.raises(SystemExit) as exit_:
+        scl(["export", str(run_dir / "missing")])
+    assert exit_.value.code == 2
+    assert "scl export: error:" in capsys.readouterr().err

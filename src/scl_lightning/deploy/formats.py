@@ -220,7 +220,7 @@ def _flops(model: nn.Module, example: Tensor, sparse: nn.Module | None = None) -
     with some ``Linear`` layers made :class:`SparseLinear`), those layers count their stored
     values instead (on a vector input: one multiply-add each)."""
     total = flop_counts(model, example[:1]).total
-    for name, module in sparse.named_modules() if sparse is not None else []:
+    for module in sparse.modules() if sparse is not None else []:
         if isinstance(module, SparseLinear):
             values = module.values
             assert isinstance(values, Tensor)
