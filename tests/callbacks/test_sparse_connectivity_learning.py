@@ -528,3 +528,40 @@ def test_unnamed_groups_stay_unnamed():
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     group = attach_mask_group(optimizer, [net.mask], 0.01)
     assert "name" not in group
+
+
+# -- a run too short to prune (issue 15 item 4) ------------------------------------------------
+
+
+def _short_fit(tmp_path, steps: int, momentum: float, **engine):
+    from scl_lightning.data import DigitsDataModule
+
+    module = SCLModule(
+        "lenet_300_100",
+        input_shape=(1, 8, 8),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=momentum),
+        **engine,
+    )
+    trainer = quiet_trainer(tmp_path, max_steps=steps, limit_train_batches=1.0, max_epochs=-1)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+
+
+@pytest.mark.parametrize(
+    "steps,momentum,warns",
+    [
+        (5, 0.9, True),  # 5 x 0.01 x 10 = 0.5 < 1
+        (50, 0.0, True),  # 50 x 0.01 = 0.5
+        (150, 0.0, False),  # 1.5
+        (46, 0.9, False),  # 4.6: a 46-step digits run does prune (momentum)
+    ],
+)
+def test_a_run_too_short_to_prune_warns_once_with_the_numbers(
+    tmp_path, recwarn, steps, momentum, warns
+):
+    _short_fit(tmp_path, steps, momentum)
+    found = [w for w in recwarn if "masks cannot be pruned in this run" in str(w.message)]
+    assert len(found) == (1 if warns else 0)
+    if warns:
+        text = str(found[0].message)
+        assert f"{steps} mask-learning steps" in text and "mask_init 1" in text
+        assert "raise mask_lr" in text

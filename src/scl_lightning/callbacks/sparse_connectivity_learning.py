@@ -373,6 +373,7 @@ class SparseConnectivityLearning(Callback):
         if self._layers:
             self._attach_mask_groups(trainer, optimizers)
             self._wrap_gradient_clipping(pl_module)
+            self._warn_if_too_short(trainer, optimizers)
         # one normalization, after the penalty: a MaskGradientNormalization callback in the
         # Trainer gives its settings and stands down for this fit
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
@@ -386,6 +387,49 @@ class SparseConnectivityLearning(Callback):
         )
         if self._monitoring:
             self.monitor.on_fit_start(trainer, pl_module)
+
+    def _warn_if_too_short(
+        self, trainer: pl.Trainer, optimizers: list[torch.optim.Optimizer]
+    ) -> None:
+        """Warn once when the planned mask-learning steps cannot move a mask from ``mask_init``
+        to zero, so nothing can be pruned whatever lambda is.
+
+        A normalized mask gradient has RMS 1, so a typical mask moves about ``mask_lr`` per
+        step; SGD momentum ``beta`` multiplies that by up to ``1 / (1 - beta)`` (10 at 0.9).
+        Learning-rate schedules only lower it, so this is an upper bound on how far masks go.
+        """
+        if trainer.global_step > 0:  # a resumed run: its plan was checked when it started
+            return
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            return
+        accumulate = max(int(trainer.accumulate_grad_batches), 1)
+        batches = trainer.num_training_batches
+        per_epoch = math.ceil(batches / accumulate) if math.isfinite(batches) else 0
+        end = total
+        if self.freeze_masks_epoch is not None and per_epoch:
+            end = min(end, self.freeze_masks_epoch * per_epoch)
+        steps = max(end - self.warmup_epochs * per_epoch, 0)
+        momentum = 0.0
+        for opt in optimizers:
+            for group in opt.param_groups:
+                if group.get(MASK_GROUP_KEY) and isinstance(group.get("momentum"), float | int):
+                    momentum = max(momentum, float(group["momentum"]))
+        per_step = self.mask_lr * self.lr_scale / (1.0 - min(momentum, 0.99))
+        reach = steps * per_step
+        if reach >= self.mask_init:
+            return
+        needed = math.ceil(self.mask_init / per_step)
+        rank_zero_warn(
+            f"SparseConnectivityLearning: masks cannot be pruned in this run: {int(steps)} "
+            f"mask-learning steps x about {per_step:.3g} per step (mask_lr {self.mask_lr:g}"
+            + (f" x lr scale {self.lr_scale:g}" if self.lr_scale != 1 else "")
+            + (f", momentum {momentum:g}" if momentum else "")
+            + f") = {reach:.3g} < mask_init {self.mask_init:g}, so no mask reaches zero "
+            f"whatever lam is. Train at least {needed} mask-learning steps, raise mask_lr to "
+            f"{self.mask_init / max(steps, 1) * (1.0 - min(momentum, 0.99)) / self.lr_scale:.3g},"
+            " or lower mask_init"
+        )
 
     def _attach_mask_groups(
         self, trainer: pl.Trainer, optimizers: list[torch.optim.Optimizer]
