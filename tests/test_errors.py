@@ -112,6 +112,8 @@ MESSAGES: dict[str, list[str]] = {
         "latest run"
     ],
     "ckpt_truncated": ["is not a readable PyTorch checkpoint", "it may be truncated"],
+    "ckpt_directory": ["is a directory, not a checkpoint file", "pass a .ckpt file"],
+    "ckpt_export": ["is a pruned-weights export (safetensors), not a training checkpoint"],
     "ckpt_other_architecture": [
         "is from another architecture:",
         "load it into the model it was trained with (same backbone, num_classes, input_shape, "
@@ -414,6 +416,30 @@ def test_damaged_checkpoint(finished_run, workdir, capsys, kind):
     before = _hashes(workdir)
     _fails(capsys, ["fit", *BASE, f"--ckpt_path={damaged}"], "ckpt_truncated")
     _kept(before, workdir)
+
+
+def test_checkpoint_path_is_a_directory(finished_run, workdir, capsys):
+    before = _hashes(workdir)
+    _fails(capsys, ["fit", *BASE, f"--ckpt_path={finished_run}"], "ckpt_directory")
+    _kept(before, workdir)
+
+
+def test_checkpoint_path_is_a_pruned_export(finished_run, workdir, capsys):
+    """An exported .safetensors (torch.load reads it as a tensor dict) is not a checkpoint,
+    whatever its name."""
+    from torch import nn
+
+    from scl_lightning import load_checkpoint, save_pruned, sparsify
+
+    export = workdir / "pruned.safetensors"
+    save_pruned(sparsify(nn.Sequential(nn.Linear(4, 2))), export)
+    before = _hashes(workdir)
+    _fails(capsys, ["fit", *BASE, f"--ckpt_path={export}"], "ckpt_export")
+    _kept(before, workdir)
+    renamed = workdir / "pruned.bin"
+    renamed.write_bytes(export.read_bytes())
+    with pytest.raises(Exception, match="not a training checkpoint"):
+        load_checkpoint(renamed)
 
 
 def test_checkpoint_from_another_architecture(workdir, capsys):

@@ -113,6 +113,18 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             than tensors and plain data (one line saying which).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"checkpoint {path} is a directory, not a checkpoint file: pass a .ckpt file (a "
+            f"run keeps them in {path / 'checkpoints'}), or --ckpt_path last to resume the "
+            "latest run"
+        )
+    if path.is_file() and _is_safetensors(path):
+        raise CheckpointError(
+            f"{path} is a pruned-weights export (safetensors), not a training checkpoint: it "
+            "holds no masks, optimizer or trainer state to resume or evaluate from; read it with "
+            "scl_lightning.load_pruned, or pass the run's .ckpt"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; check the path (--ckpt_path) or use "
@@ -151,6 +163,15 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dict"
         )
     return checkpoint
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 27
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
