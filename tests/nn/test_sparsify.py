@@ -467,3 +467,15 @@ def test_export_pruned_result_is_trainable_dense():
 def test_export_pruned_unmasked_model_errors(factory):
     with pytest.raises(ValueError, match="has no masked layer"):
         export_pruned(factory())
+
+
+def test_sparsify_again_with_another_estimator_warns_and_names_the_layers():
+    import warnings as _warnings
+
+    net = sparsify(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        sparsify(net)  # the same settings: nothing to say
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) are already masked .* keep it: 0 \("):
+        sparsify(net, ste="softplus")
+    assert type(net[0].ste).__name__ == "IdentitySTE"  # kept, as the warning says

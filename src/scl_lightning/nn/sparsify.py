@@ -138,9 +138,13 @@ def sparsify(
     matched: set[str] = set()
     to_convert: list[nn.Module] = []
     already_masked = 0
+    differing: list[str] = []
     for name, module in maskable_modules(model):
         if isinstance(module, MaskedLayer):
             already_masked += 1
+            theirs = (module.ste, getattr(module, "granularity", "weight"))
+            if theirs != (estimator, granularity):
+                differing.append(f"{name} ({theirs[0]!r}, {theirs[1]})")
             continue
         hit = _excluded(name, patterns)
         if hit is not None:
@@ -148,6 +152,17 @@ def sparsify(
             continue
         to_convert.append(module)
 
+    if differing:
+        shown = ", ".join(differing[:3]) + (
+            f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+        )
+        warnings.warn(
+            f"sparsify: {len(differing)} layer(s) are already masked with another estimator or "
+            f"granularity and keep it: {shown}; sparsify masks only dense layers (asked: "
+            f"{estimator!r}, {granularity}). To change a masked layer's estimator, set "
+            "`layer.ste = scl_lightning.nn.get_ste(...)`",
+            stacklevel=2,
+        )
     unmatched = [p for p in patterns if p not in matched]
     if unmatched:
         warnings.warn(
