@@ -112,6 +112,8 @@ MESSAGES: dict[str, list[str]] = {
         "latest run"
     ],
     "ckpt_truncated": ["is not a readable PyTorch checkpoint", "it may be truncated"],
+    "zero_epochs": ["--trainer.max_epochs 0 would train nothing"],
+    "negative_epochs": ["--trainer.max_epochs must be a positive number of epochs", "got -2"],
     "ckpt_directory": ["is a directory, not a checkpoint file", "pass a .ckpt file"],
     "ckpt_export": ["is a pruned-weights export (safetensors), not a training checkpoint"],
     "ckpt_other_architecture": [
@@ -241,6 +243,8 @@ def finished_run(workdir, capsys) -> Path:
         ("negative_lr", ["--model.optimizer.init_args.lr=-1"]),
         ("typo_flag", ["--model.lamda=1"]),
         ("nothing_to_mask", ['--model.exclude=["layers"]']),
+        ("zero_epochs", ["--trainer.max_epochs=0"]),
+        ("negative_epochs", ["--trainer.max_epochs=-2"]),
     ],
 )
 def test_bad_argument(workdir, capsys, case, args):

@@ -318,6 +318,25 @@ def _resolve_checkpoint_to_evaluate(config: Any, subcommand: str) -> None:
     rank_zero_info(f"scl: {subcommand} with {path}")
 
 
+def _check_epochs(trainer_config: Any) -> None:
+    """``max_epochs`` must train something: ``-1`` (no limit, with ``max_steps`` or a time) or
+    a positive count. Lightning takes 0 and ends at once, and fails deep in its loop on -2."""
+    epochs = trainer_config.get("max_epochs")
+    if epochs is None or isinstance(epochs, bool) or not isinstance(epochs, int):
+        return
+    if epochs == 0:
+        raise ValueError(
+            "--trainer.max_epochs 0 would train nothing (no summary, no checkpoint worth "
+            "keeping); give a positive number of epochs, or use `scl validate`/`scl test` to "
+            "evaluate a checkpoint"
+        )
+    if epochs < -1:
+        raise ValueError(
+            f"--trainer.max_epochs must be a positive number of epochs, or -1 for no limit "
+            f"(with --trainer.max_steps), got {epochs}"
+        )
+
+
 def _resolve_last_checkpoint(config: Any) -> None:
     """``--ckpt_path last`` continues the latest run of the recipe, in its own directory.
 
@@ -406,6 +425,7 @@ class SCLCLI(LightningCLI):
             _resolve_checkpoint_to_evaluate(self.config[self.subcommand], self.subcommand)
         if self.subcommand == "fit":
             config = self.config["fit"]
+            _check_epochs(config.trainer)
             _resolve_last_checkpoint(config)
             # Lightning's CSVLogger deletes the metrics.csv of a directory it starts in (a resumed
             # run's, or one given by a fixed version), before anything can check the directory
