@@ -112,6 +112,9 @@ MESSAGES: dict[str, list[str]] = {
         "latest run"
     ],
     "ckpt_truncated": ["is not a readable PyTorch checkpoint", "it may be truncated"],
+    "yaml_invalid": ["is not valid YAML (line 3, column 1)", "drop that --config"],
+    "yaml_empty": ["is empty: put settings in it"],
+    "yaml_list": ["holds a list, not a mapping of settings"],
     "zero_epochs": ["--trainer.max_epochs 0 would train nothing"],
     "negative_epochs": ["--trainer.max_epochs must be a positive number of epochs", "got -2"],
     "ckpt_directory": ["is a directory, not a checkpoint file", "pass a .ckpt file"],
@@ -262,6 +265,19 @@ def test_typo_in_a_config_file(workdir, capsys):
     (workdir / "mine.yaml").write_text("model:\n  lamda: 1.0e-5\n")
     _fails(capsys, ["fit", *BASE, "--config", "mine.yaml"], "typo_in_config")
     assert not (workdir / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "case"),
+    [("trainer:\n  max_epochs: [1\n", "yaml_invalid"), ("", "yaml_empty"), ("- a\n", "yaml_list")],
+)
+def test_config_file_that_does_not_parse_is_named(workdir, capsys, content, case):
+    bad = workdir / "second.yaml"
+    bad.write_text(content)
+    before = _hashes(workdir)
+    line = _fails(capsys, ["fit", *BASE, "--config", str(bad)], case)
+    assert str(bad) in line  # several --config are common: the line names the file
+    _kept(before, workdir)
 
 
 def test_missing_config_file(workdir, capsys):

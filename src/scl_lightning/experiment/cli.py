@@ -318,6 +318,49 @@ def _resolve_checkpoint_to_evaluate(config: Any, subcommand: str) -> None:
     rank_zero_info(f"scl: {subcommand} with {path}")
 
 
+def _config_paths(argv: list[str]) -> list[str]:
+    """The files given with ``--config PATH`` / ``--config=PATH``."""
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """One line naming the file for a config that does not parse, is empty, or is not a mapping
+    (several ``--config`` are common; jsonargparse names none of them). A missing file is left
+    to jsonargparse, which says so."""
+    for name in _config_paths(argv):
+        path = Path(name)
+        if not path.is_file():
+            continue
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(
+                f"config file {path} is not valid YAML{where}: {problem}; fix it or drop "
+                "that --config"
+            ) from None
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {path} is not a text file") from None
+        if data is None:
+            raise ValueError(
+                f"config file {path} is empty: put settings in it (trainer:, model:, data: ...) "
+                "or drop that --config"
+            )
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"config file {path} holds a {type(data).__name__}, not a mapping of settings "
+                "(trainer:, model:, data: ...)"
+            )
+
+
 def _check_epochs(trainer_config: Any) -> None:
     """``max_epochs`` must train something: ``-1`` (no limit, with ``max_steps`` or a time) or
     a positive count. Lightning takes 0 and ends at once, and fails deep in its loop on -2."""
@@ -520,6 +563,7 @@ def main(args: list[str] | None = None) -> None:
 
         raise SystemExit(export_main(argv[1:]))
     try:
+        _check_config_files(argv)
         SCLCLI(
             SCLModule,
             LightningDataModule,
