@@ -26,7 +26,7 @@ round r+1), and the median over rounds is reported, so drift on a shared machine
 alike. ResNet-56 gets a tenth of the batch-1 calls and, at batch 256, 3 rounds of 1 call.
 torch and onnxruntime get the same number of threads (``--threads``, default 1).
 
-    python bench/inference.py               # about 8 min (and 10 more to train, the first time)
+    python bench/inference.py               # about 10 min (and 10 more to train, the first time)
     python bench/inference.py --quick       # a smoke run: short training, few timings
 """
 

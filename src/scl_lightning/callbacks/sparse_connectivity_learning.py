@@ -400,16 +400,10 @@ class SparseConnectivityLearning(Callback):
         """
         if trainer.global_step > 0:  # a resumed run: its plan was checked when it started
             return
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
+        end = self._mask_phase_end(trainer)
+        if not math.isfinite(end):
             return
-        accumulate = max(int(trainer.accumulate_grad_batches), 1)
-        batches = trainer.num_training_batches
-        per_epoch = math.ceil(batches / accumulate) if math.isfinite(batches) else 0
-        end = total
-        if self.freeze_masks_epoch is not None and per_epoch:
-            end = min(end, self.freeze_masks_epoch * per_epoch)
-        steps = max(end - self.warmup_epochs * per_epoch, 0)
+        steps = max(end - self.warmup_epochs * (self._steps_per_epoch(trainer) or 0), 0)
         momentum = 0.0
         for opt in optimizers:
             for group in opt.param_groups:
@@ -618,23 +612,36 @@ class SparseConnectivityLearning(Callback):
         )
         return removed / max(self._flop_counts.total, 1)
 
+    @staticmethod
+    def _steps_per_epoch(trainer: pl.Trainer) -> int | None:
+        """Optimizer steps per epoch, or None when the dataloader has no length."""
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            return None
+        return math.ceil(batches / max(int(trainer.accumulate_grad_batches), 1))
+
+    def _mask_phase_end(self, trainer: pl.Trainer) -> float:
+        """The optimizer step at which masks stop learning: the run's last, or the start of
+        ``freeze_masks_epoch`` (``inf`` for a run without an end)."""
+        total = float(trainer.estimated_stepping_batches)  # loads the train dataloader
+        per_epoch = self._steps_per_epoch(trainer)
+        if self.freeze_masks_epoch is not None and per_epoch:
+            total = min(total, self.freeze_masks_epoch * per_epoch)
+        return total
+
     def _target_end(self, trainer: pl.Trainer, step: int) -> int:
         """The optimizer step by which the schedule reaches the target."""
         if self.target_step is not None:
             return self.target_step
-        accumulate = max(int(trainer.accumulate_grad_batches), 1)
-        batches = trainer.num_training_batches
-        per_epoch = math.ceil(batches / accumulate) if math.isfinite(batches) else None
         if self.target_epoch is not None:
+            per_epoch = self._steps_per_epoch(trainer)
             if not per_epoch:
                 raise ValueError(
                     "target_epoch needs epochs of known length (a sized dataloader): give "
                     "target_step instead"
                 )
             return self.target_epoch * per_epoch
-        total = trainer.estimated_stepping_batches
-        if self.freeze_masks_epoch is not None and per_epoch:
-            total = min(total, self.freeze_masks_epoch * per_epoch)
+        total = self._mask_phase_end(trainer)
         if not math.isfinite(total):
             raise ValueError(
                 "a target needs to know when to reach it, and this run has no end (no "

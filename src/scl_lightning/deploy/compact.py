@@ -385,10 +385,14 @@ def _pass(chain: _Chain, gm: fx.GraphModule, report: CompactReport) -> bool:
     return True
 
 
-def _count(model: nn.Module) -> int:
-    """Parameters plus the constants compaction adds (bias maps)."""
-    maps = sum(m.bias_map.numel() for m in model.modules() if isinstance(m, Conv2dWithBiasMap))
-    return sum(p.numel() for p in model.parameters()) + maps
+def stored_parameters(model: nn.Module) -> int:
+    """What a network stores to compute: its parameters and the other floating-point buffers
+    (bias maps, CSR values), not BatchNorm's running statistics or integer indices."""
+    count = sum(p.numel() for p in model.parameters())
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point() and not name.endswith(("running_mean", "running_var")):
+            count += buffer.numel()
+    return count
 
 
 _INPUT_PASSTHROUGH_METHODS = {"flatten", "view", "reshape", "contiguous"}
@@ -451,7 +455,7 @@ def compact(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, Compact
         export_pruned(model) if any(True for _ in masked_modules(model)) else copy.deepcopy(model)
     )
     dense.eval()
-    report = CompactReport(params_before=_count(dense))
+    report = CompactReport(params_before=stored_parameters(dense))
     try:
         gm = fx.symbolic_trace(dense)
     except Exception as err:  # torch.fx raises many types for untraceable code
@@ -481,7 +485,7 @@ def compact(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, Compact
             break
     _select_inputs(gm, modules, report)
     gm.recompile()
-    report.params_after = _count(gm)
+    report.params_after = stored_parameters(gm)
     # The layers were shrunk in place, so the network's own class now computes the compact
     # function too, unless its forward hard-codes a width (``x.view(-1, 800)``): prefer it
     # (it pickles and prints as the user's class), fall back to the traced graph.

@@ -14,9 +14,10 @@ truncated one, and an existing file is replaced only when asked to.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -84,14 +85,13 @@ def _check_path(path: str | os.PathLike[str], fn: str) -> Path:
     return Path(path)
 
 
-def _exists_message(path: Path) -> str:
+def _exists_message(path: Path, who: str = "save_pruned") -> str:
     return (
-        f"save_pruned: {path} already exists; pass overwrite=True to replace it, or choose "
-        "another path"
+        f"{who}: {path} already exists; pass overwrite=True to replace it, or choose another path"
     )
 
 
-def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+def _publish(tmp: Path, path: Path, overwrite: bool, who: str) -> None:
     """Move the finished ``tmp`` to ``path`` in one step: readers see the old file or the new."""
     if overwrite:
         os.replace(tmp, path)
@@ -100,13 +100,44 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
         # a hard link never replaces an existing file, even one created since the first check
         os.link(tmp, path)
     except FileExistsError:
-        raise FileExistsError(_exists_message(path)) from None
+        raise FileExistsError(_exists_message(path, who)) from None
     except OSError:  # a file system without hard links: check, then rename
         if path.exists():
-            raise FileExistsError(_exists_message(path)) from None
+            raise FileExistsError(_exists_message(path, who)) from None
         os.replace(tmp, path)
     else:
         tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, overwrite: bool, who: str) -> Iterator[Path]:
+    """Write ``path`` atomically: yield a temporary path next to it for the body to write,
+    then flush that file to disk and move it to ``path`` in one step.
+
+    A failure anywhere leaves the previous ``path`` (or none) and no temporary file; an existing
+    ``path`` is replaced only with ``overwrite``. The temporary name is hidden, in the same
+    directory (the final rename stays on one file system), keeps ``path``'s suffix (writers
+    such as ``torch.export.save`` check it), and is created exclusively with the permissions a
+    plain ``open()`` would give. ``who`` prefixes the errors.
+    """
+    if path.is_dir():
+        raise IsADirectoryError(f"{who}: {path} is a directory; pass a file path")
+    if path.exists() and not overwrite:
+        raise FileExistsError(_exists_message(path, who))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        mode = tmp.stat().st_mode & 0o777  # 0o666 less the umask
+        yield tmp
+        os.chmod(tmp, mode)  # writers may rename their own 0o600 temporary file onto ``tmp``
+        with open(tmp, "r+b") as f:
+            os.fsync(f.fileno())
+        _publish(tmp, path, overwrite, who)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
 
 
 def save_pruned(
@@ -187,22 +218,8 @@ def save_pruned(
         **extra,
     }
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a hidden name in the same directory (so the final rename stays on one file system),
-    # created exclusively with the permissions a plain open() would give
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        mode = tmp.stat().st_mode & 0o777  # 0o666 less the umask
+    with atomic_file(path, overwrite, "save_pruned") as tmp:
         save_file(tensors, str(tmp), metadata=header)
-        os.chmod(tmp, mode)  # safetensors renames its own 0o600 temporary file onto ``tmp``
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())
-        _publish(tmp, path, overwrite)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
     return path
 
 

@@ -32,10 +32,9 @@ import copy
 import functools
 import io
 import os
-import secrets
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from scl_lightning.deploy.compact import CompactReport, LinearOnSelectedInputs, compact
-from scl_lightning.deploy.export import _publish, save_pruned
+from scl_lightning.deploy.compact import (
+    CompactReport,
+    LinearOnSelectedInputs,
+    compact,
+    stored_parameters,
+)
+from scl_lightning.deploy.export import atomic_file, save_pruned
 from scl_lightning.nn.flops import flop_counts
 from scl_lightning.nn.sparsify import export_pruned, masked_modules
 
@@ -205,16 +209,6 @@ def sparsify_linears(
     return model, notes
 
 
-def _params_of(model: nn.Module) -> int:
-    """Parameters and the other stored weights (CSR values, bias maps), not BN statistics or
-    indices."""
-    count = sum(p.numel() for p in model.parameters())
-    for name, buffer in model.named_buffers():
-        if buffer.is_floating_point() and not name.endswith(("running_mean", "running_var")):
-            count += buffer.numel()
-    return count
-
-
 def _flops(model: nn.Module, example: Tensor, sparse: nn.Module | None = None) -> int:
     """fvcore FLOPs (multiply-adds) of one sample of ``model``; with ``sparse`` (``model``
     with some ``Linear`` layers made :class:`SparseLinear`), those layers count their stored
@@ -226,24 +220,6 @@ def _flops(model: nn.Module, example: Tensor, sparse: nn.Module | None = None) -
             assert isinstance(values, Tensor)
             total -= module.in_features * module.out_features - values.numel()
     return total
-
-
-@contextlib.contextmanager
-def _atomic(path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; publish it there if the body succeeds."""
-    if path.is_dir():
-        raise IsADirectoryError(f"export: {path} is a directory; give a file path")
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"export: {path} already exists; pass overwrite=True (--overwrite) or another path"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
-    try:
-        yield tmp
-        _publish(tmp, path, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _export_onnx(model: nn.Module, example: Tensor, path: Path) -> float:
@@ -322,14 +298,10 @@ def export_model(
         )
     example = example_input.detach().cpu()
     dense = export_pruned(model).cpu().eval()
-    params_before = _params_of(dense)
+    params_before = stored_parameters(dense)
     bytes_before = sum(p.numel() * p.element_size() for p in dense.parameters())
     flops_before = _flops(dense, example)
     if format == "dense":
-        if path.exists() and not overwrite:
-            raise FileExistsError(
-                f"export: {path} already exists; pass overwrite=True (--overwrite) or another path"
-            )
         save_pruned(model, path, overwrite=overwrite)
         return ExportReport(
             format,
@@ -343,7 +315,7 @@ def export_model(
         )
     small, compact_report = compact(model, example)
     notes = [f"{name}: kept, {why}" for name, why in compact_report.kept.items()]
-    with _atomic(path, overwrite) as tmp:
+    with atomic_file(path, overwrite, "export") as tmp:
         if format == "compact":
             _save_program(small, example, tmp)
             result: nn.Module = small
@@ -362,7 +334,7 @@ def export_model(
         format,
         path,
         params_before,
-        _params_of(result),
+        stored_parameters(result),
         bytes_before,
         path.stat().st_size,
         flops_before,

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Turn a trained run into a model that is smaller and faster: dense (w * H(m) baked "
             "in, .safetensors), compact (unused units and channels removed, .pt2), sparse "
-            "(compact, with Linear layers in CSR where measured faster, .pt) or onnx "
+            "(compact, with Linear layers in CSR where measured faster, .pt2) or onnx "
             "(compact, checked against onnxruntime, .onnx). Prints parameters, bytes and FLOPs "
             "before and after."
         ),
