@@ -79,6 +79,15 @@ def test_bad_input_is_one_clear_line(run_dir, tmp_path, capsys, args, message):
     assert len(err) == 1 and err[0].startswith("scl export: error: ") and message in err[0]
 
 
+def test_an_output_that_is_a_directory_is_one_line(run_dir, capsys):
+    out = run_dir / "folder.pt2"
+    out.mkdir()
+    assert main([str(run_dir), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"scl export: error: {out} is a directory; pass a file path"]
+    assert out.is_dir() and not any(out.iterdir())
+
+
 def test_unknown_format_is_a_usage_error(run_dir, capsys):
     assert main([str(run_dir), "--format", "tflite"]) == 2
     assert "invalid choice: 'tflite'" in capsys.readouterr().err

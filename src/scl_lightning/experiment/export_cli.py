@@ -135,7 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from scl_lightning.experiment.checkpoint import CheckpointError
 
         if os.environ.get("SCL_DEBUG") or not isinstance(
-            err, ValueError | FileNotFoundError | FileExistsError | CheckpointError | ImportError
+            err,
+            ValueError
+            | FileNotFoundError
+            | FileExistsError
+            | IsADirectoryError
+            | CheckpointError
+            | ImportError,
         ):
             raise
         text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
