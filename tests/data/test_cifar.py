@@ -219,6 +219,7 @@ def test_cifar10_extracts_and_loads(tmp_path, monkeypatch, style):
         assert torch.equal(ds.images, torch.from_numpy(x))
         assert torch.equal(ds.labels, torch.from_numpy(y))
     assert dm.val_dataset is dm.test_dataset  # val_split=0: validate on the official test set
+    assert dm.held_out_test is False  # so `scl fit` does not test after training
     assert dm.class_names == truth["names"]
 
 
@@ -677,6 +678,7 @@ def test_val_split_holds_out_a_seeded_part_of_training(tmp_path, monkeypatch, ci
     n_val = 32  # ceil(0.1 * 320)
     assert len(dm.val_dataset) == n_val and len(dm.train_dataset) == N_TRAIN - n_val
     assert dm.val_dataset is not dm.test_dataset and len(dm.test_dataset) == N_TEST
+    assert dm.held_out_test is True
     everything = torch.cat([dm.train_dataset.images, dm.val_dataset.images]).flatten(1)
     key = sorted(r.numpy().tobytes() for r in everything)
     assert key == sorted(r.tobytes() for r in truth["x_train"].reshape(N_TRAIN, -1))

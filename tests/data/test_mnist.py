@@ -155,6 +155,13 @@ def test_splits_counts_and_batches(tmp_path, monkeypatch):
     assert torch.equal(other.val_dataset.images, dm.val_dataset.images)
 
 
+def test_test_set_is_held_out_unless_it_validates():
+    """`scl fit` tests the final model on a data module's test split when it declares it held
+    out: the official test set is, unless val_size=0 validates on it."""
+    assert FashionMNISTDataModule(download=False).held_out_test is True
+    assert FashionMNISTDataModule(download=False, val_size=0).held_out_test is False
+
+
 def test_normalization_per_batch_and_optional_augmentation(tmp_path):
     folder = tmp_path / "fm"
     _write_set(folder)

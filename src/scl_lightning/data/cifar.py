@@ -221,6 +221,12 @@ class CIFARDataModule(InMemoryDataModule):
             raise ValueError(f"{name} must be None or three finite numbers, got {value!r}")
         return tuple(float(v) for v in value)
 
+    @property
+    def held_out_test(self) -> bool:
+        """Whether the test set is read by nothing but ``test``/``predict`` (``val_split > 0``);
+        ``scl fit`` then tests the final model on it."""
+        return self.val_split > 0
+
     # ------------------------------------------------------------------ files
 
     @property

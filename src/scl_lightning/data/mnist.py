@@ -318,6 +318,12 @@ class IDXDataModule(InMemoryDataModule):
         """Training images after the hold-out."""
         return self.NUM_SAMPLES["train"] - self.val_size
 
+    @property
+    def held_out_test(self) -> bool:
+        """Whether the test set is read by nothing but ``test``/``predict`` (``val_size > 0``);
+        ``scl fit`` then tests the final model on it."""
+        return self.val_size > 0
+
 
 class FashionMNISTDataModule(IDXDataModule):
     """Fashion-MNIST (Xiao et al. 2017): 60,000 training and 10,000 test 28x28 grayscale images
