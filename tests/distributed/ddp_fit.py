@@ -2,7 +2,8 @@
 
 Run as ``python ddp_fit.py OUT_DIR``; Lightning's ``ddp`` strategy re-launches this script for
 rank 1, exactly as it does for a user's training script. Each rank writes ``rank{r}.pt`` with its
-final masks, weights, logged sparsity and a fingerprint of every training batch it saw.
+final masks, weights, logged sparsity and a fingerprint of every training batch it saw; the
+final model is then tested on the held-out split, as ``scl fit`` does.
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ def main() -> None:
         log_every_n_steps=2,
         callbacks=[MaskGradientNormalization(), SparsityMonitor(), RunSummary(), Recorder(out)],
     )
-    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    datamodule = DigitsDataModule(batch_size=32)
+    trainer.fit(module, datamodule=datamodule)
+    # what `scl fit` does next (SCLCLI.after_fit), on every rank: test the final model
+    trainer.test(module, datamodule=datamodule, ckpt_path=None, verbose=False)
 
 
 if __name__ == "__main__":

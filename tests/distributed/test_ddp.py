@@ -64,3 +64,25 @@ def test_run_summary_written_once_by_rank_zero(ranks: list[dict], ddp_out: Path)
     assert summaries == ["summary.json"]
     summary = json.loads((ddp_out / "summary.json").read_text())
     assert summary["sparsity"] == pytest.approx(ranks[0]["sparsity"]["sparsity/global"])
+
+
+def test_test_after_fit_is_added_by_rank_zero(ranks: list[dict], ddp_out: Path) -> None:
+    """The test that `scl fit` runs after training, on every rank: no hang, one summary, and
+    the accuracy of the whole test split (each rank tested half of it) for the final weights."""
+    from scl_lightning import SCLModule
+    from scl_lightning.data import DigitsDataModule
+    from scl_lightning.experiment.run_summary import TEST_HELD_OUT
+
+    assert sorted(p.name for p in ddp_out.glob("summary*.json")) == ["summary.json"]
+    summary = json.loads((ddp_out / "summary.json").read_text())
+    assert summary["test_split"] == TEST_HELD_OUT
+    module = SCLModule(
+        "lenet_300_100", num_classes=10, input_shape=(1, 8, 8), lam=1e-4, mask_lr=0.05
+    )
+    module.load_state_dict(ranks[0]["state"])
+    datamodule = DigitsDataModule(batch_size=32)
+    datamodule.setup("test")
+    x, y = datamodule.test_dataset.tensors
+    with torch.no_grad():
+        accuracy = (module.eval()(x).argmax(dim=1) == y).float().mean()
+    assert summary["test_acc"] == pytest.approx(float(accuracy), abs=1e-6)

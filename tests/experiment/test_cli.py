@@ -8,6 +8,7 @@ import yaml
 
 from _helpers import CONFIGS, CSV, FAST, RECIPE
 from scl_lightning.experiment.cli import main
+from scl_lightning.experiment.run_summary import TEST_HELD_OUT
 
 DENSE = str(CONFIGS / "digits_mlp_dense.yaml")
 REQUIRED = {
@@ -86,6 +87,7 @@ def test_fit_with_default_wandb_logger_runs_offline(workdir, monkeypatch):
             ["--model.granularity=filter"],
             "scl: error: granularity must be one of 'weight', 'channel', got 'filter'",
         ),
+        (["--test_after_fit=maybe"], "scl: error: --test_after_fit: "),
     ],
 )
 def test_bad_value_is_one_line(workdir, capsys, args, message):
@@ -102,6 +104,30 @@ def test_bad_value_is_one_line(workdir, capsys, args, message):
     assert "Traceback" not in err
     assert keep.read_text() == "{}"  # existing outputs untouched
     assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["old"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--data.init_args.test_fraction=1.5"],
+            "test_fraction must be a number in [0, 1), got 1.5",
+        ),
+        (
+            ["--data.init_args.val_fraction=0.5", "--data.init_args.test_fraction=0.5"],
+            "val_fraction=0.5 and test_fraction=0.5 leave no training samples out of 1797",
+        ),
+    ],
+)
+def test_bad_test_fraction_is_one_line(workdir, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", RECIPE, "--config", CSV, *FAST, *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("scl: error:")]
+    assert message in line  # (jsonargparse wraps a data module's error in its own words)
+    assert "Traceback" not in err
+    assert not (workdir / "runs").exists()
 
 
 def test_debug_variable_shows_the_exception(workdir, monkeypatch):
@@ -128,9 +154,69 @@ def test_print_config(workdir, capsys):
     assert config["model"]["lam"] == 3e-5
     assert config["model"]["mask_lr"] == 0.01
     assert config["data"]["class_path"] == "scl_lightning.data.DigitsDataModule"
+    assert config["test_after_fit"] is True
     loggers = config["trainer"]["logger"]
     assert [lg["class_path"] for lg in loggers] == ["scl_lightning.experiment.loggers.CSVLogger"]
     assert not (workdir / "runs").exists()
+
+
+def _metric_columns(run: Path) -> list[str]:
+    return (run / "metrics.csv").read_text().splitlines()[0].split(",")
+
+
+def test_fit_tests_the_final_model_on_the_held_out_split(workdir, capsys):
+    """`scl fit` reported validation figures only, and on digits `scl test` was the validation
+    split again. Now the final model is tested once, after training, on the held-out split, and
+    the results join the run: summary.json, its table, metrics.csv."""
+    main(["fit", "--config", RECIPE, "--config", CSV, *FAST])
+    path, summary = _summary(workdir)
+    run = path.parent
+    out = capsys.readouterr().out
+    assert out.count("SCL run summary") == 1  # one table, printed after the test
+    assert f"test_acc            {summary['test_acc']:.4f}" in out
+    assert REQUIRED <= set(summary)
+    assert 0.0 <= summary["test_acc"] <= 1.0 and summary["test_loss"] > 0
+    assert summary["test_split"] == TEST_HELD_OUT
+    assert summary["metrics"]["test/acc"] == summary["test_acc"]
+    assert {"test/acc", "test/loss"} <= set(_metric_columns(run))
+    assert yaml.safe_load((run / "config.yaml").read_text())["test_after_fit"] is True
+    assert [p.name for p in run.parent.iterdir()] == ["version_0"]  # no second run directory
+
+    # it was the final model: `scl test` of the last checkpoint, with the run's own saved
+    # config.yaml (which holds test_after_fit), gives the same figures
+    ckpt = run / "checkpoints" / "last.ckpt"
+    main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}"])
+    out = capsys.readouterr().out
+    assert str(summary["test_acc"]) in out and str(summary["test_loss"]) in out
+    assert json.loads(path.read_text()) == summary  # the training run is left as it was
+
+
+def test_test_after_fit_false_leaves_the_test_out(workdir, capsys):
+    main(["fit", "--config", RECIPE, "--config", CSV, *FAST, "--test_after_fit", "false"])
+    path, summary = _summary(workdir)
+    assert REQUIRED <= set(summary)
+    assert not [key for key in summary if key.startswith("test")]
+    assert not [key for key in summary["metrics"] if key.startswith("test")]
+    assert not [c for c in _metric_columns(path.parent) if c.startswith("test")]
+    assert capsys.readouterr().out.count("SCL run summary") == 1  # at the end of fit
+    assert yaml.safe_load((path.parent / "config.yaml").read_text())["test_after_fit"] is False
+
+
+def test_no_test_split_no_test_after_fit_and_scl_test_says_so(workdir, capsys):
+    no_test = "--data.init_args.test_fraction=0"
+    main(["fit", "--config", RECIPE, "--config", CSV, *FAST, no_test])
+    path, summary = _summary(workdir)
+    assert "test_acc" not in summary
+    ckpt = path.parent / "checkpoints" / "last.ckpt"
+    with pytest.raises(SystemExit) as exc:
+        main(["test", "--config", RECIPE, "--config", CSV, no_test, f"--ckpt_path={ckpt}"])
+    assert exc.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == [
+        "scl: error: DigitsDataModule(test_fraction=0) has no test split: give test_fraction > 0 "
+        "(e.g. --data.init_args.test_fraction 0.2), or evaluate on validation with "
+        "`scl validate`"
+    ]
 
 
 def test_validate_and_test_from_the_fit_checkpoint(workdir, capsys):
@@ -159,10 +245,12 @@ def test_validate_and_test_from_the_fit_checkpoint(workdir, capsys):
 
 
 def _epochs_logged(run: Path) -> list[int]:
-    rows = (run / "metrics.csv").read_text().splitlines()
-    header = rows[0].split(",")
+    """The epochs of the training and validation rows (not the test's, after the fit)."""
+    rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines()]
+    header = rows[0]
     column = header.index("epoch")
-    return sorted({int(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]})
+    fit = [i for i, name in enumerate(header) if name.startswith(("train", "val", "sparsity"))]
+    return sorted({int(r[column]) for r in rows[1:] if r[column] and any(r[i] for i in fit)})
 
 
 def test_ckpt_path_last_resumes_the_latest_run_in_its_directory(workdir):
@@ -177,6 +265,10 @@ def test_ckpt_path_last_resumes_the_latest_run_in_its_directory(workdir):
     assert (run / "config.resume-1.yaml").is_file()
     summary = json.loads((run / "summary-1.json").read_text())
     assert summary["global_step"] == 6 and summary["epochs"] == 2
+    # each fit tested its own final model, and the test changed nothing the resume reads
+    first = json.loads((run / "summary.json").read_text())
+    assert first["test_split"] == summary["test_split"] == TEST_HELD_OUT
+    assert first["global_step"] == 3
 
 
 def test_ckpt_path_last_with_no_run_yet_starts_one(workdir, capsys):

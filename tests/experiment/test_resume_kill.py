@@ -20,7 +20,8 @@ from scl_lightning.experiment.checkpoint import load_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "digits_mlp.yaml"
 TESTS = Path(__file__).resolve().parents[1]  # _helpers.py
-EPOCHS = 3  # 23 batches per epoch
+EPOCHS = 3
+BATCHES = 17  # per epoch: 1077 training images in batches of 64
 
 
 def _config(workdir: Path) -> Path:
@@ -88,19 +89,19 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
     while not last.exists():
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    # an arbitrary moment of the first two epochs (46 steps of ~0.05 s after the first save)
+    # an arbitrary moment of the first two epochs (34 steps of ~0.05 s after the first save)
     time.sleep(random.Random(os.getpid()).uniform(0.1, 1.5))
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     killed_at = load_checkpoint(last)["global_step"]
-    assert 0 < killed_at < EPOCHS * 23
+    assert 0 < killed_at < EPOCHS * BATCHES
 
     out = _finish(_scl(killed, "--ckpt_path", "last"))
     assert "resuming from" in out
 
     (ref, ref_summary), (got, got_summary) = _final(straight), _final(killed)
-    assert got["global_step"] == ref["global_step"] == EPOCHS * 23
+    assert got["global_step"] == ref["global_step"] == EPOCHS * BATCHES
     assert ref["state_dict"].keys() == got["state_dict"].keys()
     for key, value in ref["state_dict"].items():
         assert torch.equal(value, got["state_dict"][key]), key
@@ -108,5 +109,6 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
         for index, state in ref_state["state"].items():
             for name, tensor in state.items():
                 assert torch.equal(tensor, got_state["state"][index][name]), (index, name)
-    for key in ("val_acc", "val_loss", "sparsity", "active_connections", "effective_flops"):
+    keys = ("val_acc", "val_loss", "test_acc", "test_loss", "sparsity", "active_connections")
+    for key in (*keys, "effective_flops"):
         assert got_summary[key] == ref_summary[key], key

@@ -3,13 +3,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 
 from _helpers import TinyClassifier as _PlainClassifier
 from _helpers import quiet_trainer
 from scl_lightning import sparsify
 from scl_lightning.experiment import RunSummary
+from scl_lightning.experiment.run_summary import TEST_HELD_OUT, TEST_NOT_DECLARED
 
 REQUIRED = {
     "val_acc",
@@ -36,6 +37,30 @@ class TinyClassifier(_PlainClassifier):
 
     def val_dataloader(self):
         return self._loader()
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("test/loss", F.cross_entropy(logits, y))
+        self.log("test/acc", (logits.argmax(dim=1) == y).float().mean())
+
+    def test_dataloader(self):
+        return self._loader()
+
+
+class _HeldOut(LightningDataModule):
+    """A data module declaring its test split held out (as DigitsDataModule does)."""
+
+    held_out_test = True
+
+    def __init__(self, model: TinyClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def train_dataloader(self):
+        return self.model._loader()
+
+    val_dataloader = test_dataloader = train_dataloader
 
 
 def _pruned_model() -> TinyClassifier:
@@ -245,3 +270,77 @@ def test_bad_metric_keys(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=f"{name} must be a logged metric's name or None"):
         RunSummary(**kwargs)
+
+
+def test_bad_table_after_test():
+    with pytest.raises(ValueError, match="table_after_test must be True or False, got 'yes'"):
+        RunSummary(table_after_test="yes")
+
+
+@pytest.mark.parametrize("held_out", [True, False])
+def test_a_test_of_the_fitted_model_is_added(tmp_path, held_out):
+    """summary.json had no test results: `scl test` was all there was, and on digits it was the
+    validation split."""
+    model = _pruned_model()
+    callback = RunSummary(print_table=False)
+    trainer = _trainer(tmp_path, callbacks=[callback], limit_test_batches=2)
+    datamodule = _HeldOut(model) if held_out else None
+    trainer.fit(model, datamodule=datamodule)
+    fitted = json.loads(callback.path.read_text())
+    assert "test_acc" not in fitted
+
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    summary = json.loads(callback.path.read_text())
+    assert summary == callback.summary
+    assert sorted(p.name for p in callback.path.parent.glob("summary*")) == ["summary.json"]
+    metrics = trainer.callback_metrics
+    assert summary["test_acc"] == pytest.approx(float(metrics["test/acc"]))
+    assert summary["test_loss"] == pytest.approx(float(metrics["test/loss"]))
+    assert summary["test_split"] == (TEST_HELD_OUT if held_out else TEST_NOT_DECLARED)
+    assert "never used for tuning" in TEST_HELD_OUT
+    assert summary["metrics"]["test/acc"] == summary["test_acc"]
+    # everything the fit wrote is kept, with the test's figures next to the validation's
+    assert summary["metrics"]["val/acc"] == fitted["val_acc"]
+    assert {k: v for k, v in summary.items() if not k.startswith("test") and k != "metrics"} == {
+        k: v for k, v in fitted.items() if k != "metrics"
+    }
+    assert list(summary)[:5] == ["val_acc", "val_loss", "test_acc", "test_loss", "test_split"]
+    assert list(callback.path.parent.glob("*.tmp")) == []
+
+
+def test_another_models_or_a_checkpoints_test_is_not_added(tmp_path):
+    model = _pruned_model()
+    callback = RunSummary(print_table=False)
+    trainer = _trainer(tmp_path, callbacks=[callback], limit_test_batches=2)
+    trainer.fit(model)
+    fitted = callback.path.read_bytes()
+    trainer.test(_pruned_model(), verbose=False)  # not the fitted model
+    ckpt = tmp_path / "fitted.ckpt"
+    trainer.save_checkpoint(ckpt)
+    trainer.test(model, ckpt_path=str(ckpt), verbose=False)  # a checkpoint's weights
+    assert callback.path.read_bytes() == fitted
+    assert "test_acc" not in callback.summary
+
+
+def test_table_after_test(tmp_path, capsys):
+    model = _pruned_model()
+    callback = RunSummary(table_after_test=True)
+    trainer = _trainer(tmp_path, callbacks=[callback], limit_test_batches=2)
+    trainer.fit(model)
+    assert "SCL run summary" not in capsys.readouterr().out
+    assert callback.path.is_file()  # written at the end of fit all the same
+    trainer.test(model, verbose=False)
+    out = capsys.readouterr().out
+    assert out.count("SCL run summary") == 1
+    assert f"test_acc            {callback.summary['test_acc']:.4f}" in out
+    assert f"test_split          {TEST_NOT_DECLARED}" in out
+
+
+def test_table_at_fit_end_then_one_line_after_the_test(tmp_path, capsys):
+    model = _pruned_model()
+    callback = RunSummary()
+    trainer = _trainer(tmp_path, callbacks=[callback], limit_test_batches=2)
+    trainer.fit(model)
+    assert "SCL run summary" in capsys.readouterr().out
+    trainer.test(model, verbose=False)
+    assert capsys.readouterr().out == f"test results added to {callback.path}\n"

@@ -430,6 +430,8 @@ class SCLCLI(LightningCLI):
       :class:`~scl_lightning.experiment.checkpoint.SafeCheckpointIO` (atomic saves, ``weights_only``
       loads); ``--ckpt_path`` is checked first, and the model is built from the configuration,
       not from the checkpoint's stored hyper-parameters.
+    - ``fit`` then tests the final model once on the data module's held-out test split
+      (``--test_after_fit false``: not), for ``summary.json``.
     - ``fit`` adds :class:`~scl_lightning.experiment.RunSummary`,
       :class:`~scl_lightning.experiment.ExactResume` and
       :class:`~scl_lightning.experiment.StopOnNonFinite`; ``--ckpt_path last`` resumes the latest
@@ -445,6 +447,16 @@ class SCLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
+        # every subcommand takes it, so a fit's saved config.yaml works for validate/test too
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="scl fit: test the final model once on the data module's held-out test split "
+            "(one that declares held_out_test, e.g. DigitsDataModule, Fashion-MNIST) and add "
+            "test_acc/test_loss to summary.json; false: do not. Ignored by validate, test and "
+            "predict.",
+        )
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` (weights_only, one-line error for a missing or damaged file),
@@ -494,7 +506,7 @@ class SCLCLI(LightningCLI):
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         if self.subcommand == "fit" and not any(isinstance(c, RunSummary) for c in callbacks):
-            callbacks.append(RunSummary())
+            callbacks.append(RunSummary(table_after_test=self._tests_after_fit()))
         if self.subcommand == "fit" and not any(isinstance(c, ExactResume) for c in callbacks):
             callbacks.append(ExactResume())
         if self.subcommand == "fit" and not any(isinstance(c, StopOnNonFinite) for c in callbacks):
@@ -506,6 +518,22 @@ class SCLCLI(LightningCLI):
         ):
             callbacks.append(WandbArtifacts())
         return trainer
+
+    def _tests_after_fit(self) -> bool:
+        return bool(self.config["fit"].get("test_after_fit")) and (
+            getattr(self.datamodule, "held_out_test", False) is True
+        )
+
+    def after_fit(self) -> None:
+        """``--test_after_fit`` (default): test the final model once on the held-out test split,
+        with the fit's Trainer, so the results go to the run's loggers and directory and
+        :class:`RunSummary` adds them to ``summary.json``. Runs on every process (under DDP too,
+        as Lightning expects); saves no checkpoint. Not after an interrupted fit."""
+        trainer = self.trainer
+        if not self._tests_after_fit() or trainer.interrupted or trainer.received_sigterm:
+            return
+        # the weights in memory (ckpt_path=None), not the best or last checkpoint
+        trainer.test(self.model, datamodule=self.datamodule, ckpt_path=None, verbose=False)
 
 
 def _parse_error_line(err: ArgumentError) -> str:

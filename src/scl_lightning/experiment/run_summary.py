@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,24 @@ def _metric(metrics: dict[str, Any], key: str) -> float | None:
 #: spellings of the validation accuracy and loss looked for, in order, when not given
 _VAL_ACC_KEYS = ("val/acc", "val_acc", "val/accuracy", "val_accuracy", "valid/acc", "val/acc1")
 _VAL_LOSS_KEYS = ("val/loss", "val_loss", "valid/loss", "validation_loss")
+#: ... and of the test accuracy and loss
+_TEST_ACC_KEYS = ("test/acc", "test_acc", "test/accuracy", "test_accuracy", "test/acc1")
+_TEST_LOSS_KEYS = ("test/loss", "test_loss")
+
+#: ``test_split`` of a summary, from the data module's ``held_out_test``
+TEST_HELD_OUT = "held out: read by neither training nor validation, never used for tuning"
+TEST_NOT_DECLARED = (
+    "not declared held out by the data module (no held_out_test): may be the validation split"
+)
+
+
+def _scalars(metrics: dict[str, Any], prefixes: str | tuple[str, ...]) -> dict[str, float]:
+    """The scalar metrics whose names start with ``prefixes``, by name."""
+    return {
+        key: value
+        for key in sorted(metrics)
+        if key.startswith(prefixes) and (value := _metric(metrics, key)) is not None
+    }
 
 
 def _first_present(metrics: dict[str, Any], keys: tuple[str, ...]) -> str | None:
@@ -54,6 +73,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     keys = [
         "val_acc",
         "val_loss",
+        "test_acc",
+        "test_loss",
+        "test_split",
         "sparsity",
         "active_connections",
         "total_connections",
@@ -83,7 +105,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 class RunSummary(Callback):
-    """At the end of ``fit``, print a summary table and write it as JSON in the run directory.
+    """At the end of ``fit``, print a summary table and write it as JSON in the run directory;
+    a test of the fitted model that follows adds its results.
 
     The JSON holds ``val_acc``, ``val_loss`` (and ``val_acc_top5`` when logged), ``sparsity``,
     ``active_connections``, ``total_connections`` (over the masked layers, as
@@ -100,14 +123,24 @@ class RunSummary(Callback):
     ``val_acc``, ``val/accuracy``, ...; ``val/loss``, ``val_loss``, ...), so other people's
     modules get them too; ``None`` when the module logs none of them.
 
+    When the same Trainer then tests the model it has just fitted (``trainer.test(model)``
+    with no ``ckpt_path``, as ``scl fit`` does on a held-out test split), the same file is
+    rewritten with ``test_acc``, ``test_loss`` (``test_acc_top5``), the ``test*`` metrics and
+    ``test_split``: whether the data module declares its test split held out
+    (``held_out_test``), i.e. never read by training or validation and so never used for
+    tuning. A test of another checkpoint or model leaves the summary alone.
+
     Args:
         filename: name of the JSON file, e.g. ``summary.json``.
         print_table: print the table on rank zero.
         val_acc_key: the logged key of the validation accuracy (``None``: look for it).
         val_loss_key: the logged key of the validation loss (``None``: look for it).
+        table_after_test: print the table when the test that follows ``fit`` ends, with its
+            results, instead of at the end of ``fit`` (``scl fit`` sets it when it tests).
 
     Raises:
-        ValueError: if ``filename`` does not end in ``.json`` or contains a directory.
+        ValueError: if ``filename`` does not end in ``.json`` or contains a directory, or a
+            metric key or ``table_after_test`` is of the wrong type.
 
     Example::
 
@@ -121,6 +154,7 @@ class RunSummary(Callback):
         print_table: bool = True,
         val_acc_key: str | None = None,
         val_loss_key: str | None = None,
+        table_after_test: bool = False,
     ) -> None:
         if (
             not isinstance(filename, str)
@@ -131,14 +165,18 @@ class RunSummary(Callback):
         for name, key in (("val_acc_key", val_acc_key), ("val_loss_key", val_loss_key)):
             if key is not None and (not isinstance(key, str) or not key):
                 raise ValueError(f"{name} must be a logged metric's name or None, got {key!r}")
+        if not isinstance(table_after_test, bool):
+            raise ValueError(f"table_after_test must be True or False, got {table_after_test!r}")
         self.filename = filename
         self.print_table = print_table
         self.val_acc_key = val_acc_key
         self.val_loss_key = val_loss_key
+        self.table_after_test = table_after_test
         self.path: Path | None = None
         self.summary: dict[str, Any] | None = None
         self._example: Tensor | None = None
         self._start = 0.0
+        self._fitted: weakref.ref[pl.LightningModule] | None = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -189,11 +227,7 @@ class RunSummary(Callback):
             epochs=trainer.current_epoch,
             global_step=trainer.global_step,
             train_time_s=round(time.perf_counter() - self._start, 2) if self._start else None,
-            metrics={
-                key: value
-                for key in sorted(metrics)
-                if key.startswith(("val", "test")) and (value := _metric(metrics, key)) is not None
-            },
+            metrics=_scalars(metrics, ("val", "test")),
             layers=[
                 {
                     "name": c.name,
@@ -209,6 +243,30 @@ class RunSummary(Callback):
         )
         return summary
 
+    def _test_results(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """What a test of the fitted model adds to the summary."""
+        metrics = dict(trainer.callback_metrics)
+        acc_key = _first_present(metrics, _TEST_ACC_KEYS)
+        loss_key = _first_present(metrics, _TEST_LOSS_KEYS)
+        held_out = getattr(getattr(trainer, "datamodule", None), "held_out_test", None)
+        results: dict[str, Any] = {
+            "test_acc": _metric(metrics, acc_key) if acc_key else None,
+            "test_loss": _metric(metrics, loss_key) if loss_key else None,
+        }
+        if "test/acc_top5" in metrics:
+            results["test_acc_top5"] = _metric(metrics, "test/acc_top5")
+        results["test_split"] = TEST_HELD_OUT if held_out is True else TEST_NOT_DECLARED
+        return results
+
+    def _write(self) -> None:
+        assert self.path is not None
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.summary, indent=2) + "\n")
+        tmp.replace(self.path)
+
+    def _print(self) -> None:
+        print(f"\n{format_summary(self.summary or {})}\n\nsummary written to {self.path}")
+
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # `trainer.log_dir` broadcasts from rank zero: every rank must read it (under DDP a rank
@@ -217,10 +275,35 @@ class RunSummary(Callback):
         if not trainer.is_global_zero:
             return
         self.summary = self.build(trainer, pl_module)
+        self._fitted = weakref.ref(pl_module)
         directory.mkdir(parents=True, exist_ok=True)
         self.path = next_free_path(directory / self.filename)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.summary, indent=2) + "\n")
-        tmp.replace(self.path)
-        if self.print_table:
-            print(f"\n{format_summary(self.summary)}\n\nsummary written to {self.path}")
+        self._write()
+        if self.print_table and not self.table_after_test:
+            self._print()
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or self.summary is None or self.path is None:
+            return
+        fitted = self._fitted() if self._fitted is not None else None
+        if (
+            pl_module is not fitted
+            or trainer.ckpt_path is not None
+            or trainer.global_step != self.summary["global_step"]
+        ):
+            return  # another model's test, or a checkpoint's: not the fitted model's
+        # the test's figures next to the validation's; its metrics join the others
+        first = ("val_acc", "val_loss", "val_acc_top5")
+        rest = {k: v for k, v in self.summary.items() if k not in first}
+        rest["metrics"] = {**rest.get("metrics", {}), **_scalars(trainer.callback_metrics, "test")}
+        self.summary = {
+            **{k: v for k, v in self.summary.items() if k in first},
+            **self._test_results(trainer),
+            **rest,
+        }
+        self._write()
+        if self.print_table and self.table_after_test:
+            self._print()
+        elif self.print_table:
+            print(f"test results added to {self.path}")
