@@ -26,7 +26,8 @@ NETS: dict[str, dict[str, Any]] = {
     "lenet300": {"backbone": "lenet_300_100", "lr": 0.05},
     "lenet5": {"backbone": "lenet5", "lr": 0.01},
     # configs/digits_mlp.yaml's network and optimizer on the bundled digits (8x8, batch 64;
-    # no test split: "test" accuracy is the 20% validation split's)
+    # "test" accuracy is the held-out test split's; results recorded before issue 15 had none
+    # and report the validation split's)
     "digits_mlp": {"backbone": "lenet_300_100", "lr": 0.05, "data": "digits"},
 }
 #: the Fashion-MNIST networks (the frontier, ablation, variant and diagnosis studies)

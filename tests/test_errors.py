@@ -156,6 +156,15 @@ MESSAGES: dict[str, list[str]] = {
         "checkpoints holding non-finite values are refused",
     ],
     "wandb_offline": ["W&B: cannot start an online run (", "); continuing offline under"],
+    "bad_test_fraction": ["test_fraction must be a number in [0, 1), got 1.5"],
+    "no_training_images": [
+        "val_fraction=0.5 and test_fraction=0.5 leave no training samples out of 1797 (899 "
+        "validation + 899 test); make their sum smaller"
+    ],
+    "no_test_split": [
+        "DigitsDataModule(test_fraction=0) has no test split: give test_fraction > 0 (e.g. "
+        "--data.init_args.test_fraction 0.2), or evaluate on validation with `scl validate`"
+    ],
 }
 
 
@@ -248,6 +257,11 @@ def finished_run(workdir, capsys) -> Path:
         ("nothing_to_mask", ['--model.exclude=["layers"]']),
         ("zero_epochs", ["--trainer.max_epochs=0"]),
         ("negative_epochs", ["--trainer.max_epochs=-2"]),
+        ("bad_test_fraction", ["--data.init_args.test_fraction=1.5"]),
+        (
+            "no_training_images",
+            ["--data.init_args.val_fraction=0.5", "--data.init_args.test_fraction=0.5"],
+        ),
     ],
 )
 def test_bad_argument(workdir, capsys, case, args):
@@ -549,6 +563,15 @@ def test_evaluating_the_last_checkpoint_of_a_recipe_never_trained(finished_run, 
     assert str(Path("runs") / "digits_mlp" / "version_*" / "checkpoints") in line
     assert _hashes(workdir) == before
     assert _run_dirs(workdir) == {finished_run}
+
+
+def test_testing_without_a_test_split(finished_run, workdir, capsys):
+    """With test_fraction=0 digits has no test split: `scl test` used to evaluate the validation
+    split under the name test; now it stops before the configuration is saved."""
+    no_test = "--data.init_args.test_fraction=0"
+    _fails(capsys, ["test", *BASE, no_test, "--ckpt_path=last"], "no_test_split")
+    for run in _run_dirs(workdir) - {finished_run}:
+        assert not list(run.iterdir())  # at most the logger's empty directory
 
 
 # -------------------------------------------------------------------------------- outputs

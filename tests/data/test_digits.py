@@ -95,6 +95,9 @@ def test_without_test_split_test_loader_says_so():
     for loader in (dm.test_dataloader, dm.predict_dataloader):
         with pytest.raises(ValueError, match=r"test_fraction=0\) has no test split"):
             loader()
+    for stage in ("test", "predict"):
+        with pytest.raises(ValueError, match=r"test_fraction=0\) has no test split"):
+            DigitsDataModule(test_fraction=0).setup(stage)
 
 
 @pytest.mark.parametrize("split", ["val", "test"])

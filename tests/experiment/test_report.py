@@ -105,7 +105,7 @@ def _check_report_matches_summary(out: Path, run: Path) -> str:
     summary = json.loads((run / "summary.json").read_text())
     md = (out / "report.md").read_text()
     head = _headline(md)
-    for key in ("val_acc", "val_loss", "sparsity"):
+    for key in ("val_acc", "val_loss", "test_acc", "test_loss", "sparsity"):
         assert head[key] == f"{summary[key]:.4f}", key
         assert _number(head[key]) == pytest.approx(summary[key], abs=5e-5)
     for key in INT_KEYS:

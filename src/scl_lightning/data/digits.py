@@ -20,6 +20,10 @@ __all__ = ["DigitsDataModule"]
 _NUM_SAMPLES = 1797
 _NUM_CLASSES = 10
 _MAX_PIXEL = 16.0
+_NO_TEST_SPLIT = (
+    "DigitsDataModule(test_fraction=0) has no test split: give test_fraction > 0 "
+    "(e.g. --data.init_args.test_fraction 0.2), or evaluate on validation with `scl validate`"
+)
 
 
 def _split_indices(
@@ -192,7 +196,14 @@ class DigitsDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load the images and build the three splits, whatever ``stage``; later calls do
-        nothing."""
+        nothing.
+
+        Raises:
+            ValueError: for ``stage`` ``"test"`` or ``"predict"`` with ``test_fraction=0``,
+                before anything is loaded.
+        """
+        if stage in ("test", "predict") and not self.num_test:
+            raise ValueError(_NO_TEST_SPLIT)
         if self.train_dataset is not None:
             return
         from sklearn.datasets import load_digits
@@ -240,11 +251,7 @@ class DigitsDataModule(LightningDataModule):
 
     def _test_loader(self) -> DataLoader:
         if not self.num_test:
-            raise ValueError(
-                "DigitsDataModule(test_fraction=0) has no test split: give test_fraction > 0 "
-                "(e.g. --data.init_args.test_fraction 0.2), or evaluate on validation with "
-                "`scl validate`"
-            )
+            raise ValueError(_NO_TEST_SPLIT)
         return self._loader(self.test_dataset, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:

@@ -18,6 +18,9 @@ _HEADLINE = [
     ("val_acc", "Validation accuracy"),
     ("val_acc_top5", "Validation top-5 accuracy"),
     ("val_loss", "Validation loss"),
+    ("test_acc", "Held-out test accuracy"),
+    ("test_acc_top5", "Held-out test top-5 accuracy"),
+    ("test_loss", "Held-out test loss"),
     ("sparsity", "Sparsity (fraction of connections pruned)"),
     ("active_connections", "Active connections"),
     ("total_connections", "Total maskable connections"),
@@ -55,6 +58,8 @@ def _headline_sentence(summary: dict[str, Any]) -> str:
         parts.append(f"effective FLOPs {eff / dense:.2%} of dense")
     if summary.get("val_acc") is not None:
         parts.append(f"validation accuracy {summary['val_acc']:.2%}")
+    if summary.get("test_acc") is not None:
+        parts.append(f"held-out test accuracy {summary['test_acc']:.2%}")
     return "; ".join(parts) + "." if parts else ""
 
 
@@ -89,7 +94,8 @@ def render_markdown(run: Run) -> str:
             lines.append(f"| {label} | `{key}` | {_fmt(key, s[key])} |")
     lines += [
         "",
-        "Values from `summary.json` (written at the end of fit); `flops_ratio` is derived. "
+        "Values from `summary.json` (written at the end of fit; `test_*`: the final model on "
+        "the held-out test split, tested once after training); `flops_ratio` is derived. "
         "FLOPs count one multiply-add as one FLOP for one sample, as fvcore does.",
         "",
         "## Layers",

@@ -130,7 +130,16 @@ def _is_integer(value: Any) -> bool:
     return is_int(value) or (isinstance(value, float) and value.is_integer())
 
 
-_FLOAT_KEYS = ("val_acc", "val_loss", "val_acc_top5", "sparsity", "train_time_s")
+_FLOAT_KEYS = (
+    "val_acc",
+    "val_loss",
+    "val_acc_top5",
+    "test_acc",
+    "test_loss",
+    "test_acc_top5",
+    "sparsity",
+    "train_time_s",
+)
 _INT_KEYS = (
     "active_connections",
     "total_connections",
