@@ -8,7 +8,6 @@ import yaml
 
 from _helpers import CONFIGS, CSV, FAST, RECIPE
 from scl_lightning.experiment.cli import main
-from scl_lightning.experiment.run_summary import TEST_HELD_OUT
 
 DENSE = str(CONFIGS / "digits_mlp_dense.yaml")
 REQUIRED = {
@@ -21,6 +20,8 @@ REQUIRED = {
     "seed",
 }
 CONNECTIONS = 64 * 300 + 300 * 100 + 100 * 10
+#: summary.json's `test_split` for a held-out split (RunSummary's TEST_HELD_OUT)
+HELD_OUT = "held out: read by neither training nor validation, never used for tuning"
 
 
 def _summary(workdir: Path) -> tuple[Path, dict]:
@@ -176,7 +177,7 @@ def test_fit_tests_the_final_model_on_the_held_out_split(workdir, capsys):
     assert f"test_acc            {summary['test_acc']:.4f}" in out
     assert REQUIRED <= set(summary)
     assert 0.0 <= summary["test_acc"] <= 1.0 and summary["test_loss"] > 0
-    assert summary["test_split"] == TEST_HELD_OUT
+    assert summary["test_split"] == HELD_OUT
     assert summary["metrics"]["test/acc"] == summary["test_acc"]
     assert {"test/acc", "test/loss"} <= set(_metric_columns(run))
     assert yaml.safe_load((run / "config.yaml").read_text())["test_after_fit"] is True
@@ -267,7 +268,7 @@ def test_ckpt_path_last_resumes_the_latest_run_in_its_directory(workdir):
     assert summary["global_step"] == 6 and summary["epochs"] == 2
     # each fit tested its own final model, and the test changed nothing the resume reads
     first = json.loads((run / "summary.json").read_text())
-    assert first["test_split"] == summary["test_split"] == TEST_HELD_OUT
+    assert first["test_split"] == summary["test_split"] == HELD_OUT
     assert first["global_step"] == 3
 
 

@@ -10,7 +10,6 @@ from _helpers import TinyClassifier as _PlainClassifier
 from _helpers import quiet_trainer
 from scl_lightning import sparsify
 from scl_lightning.experiment import RunSummary
-from scl_lightning.experiment.run_summary import TEST_HELD_OUT, TEST_NOT_DECLARED
 
 REQUIRED = {
     "val_acc",
@@ -24,28 +23,28 @@ REQUIRED = {
 
 
 class TinyClassifier(_PlainClassifier):
-    """Plain (non-SCL) module logging val/acc and val/loss; lr=0 keeps hand-set masks fixed."""
+    """Plain (non-SCL) module logging val/acc and val/loss (test/acc and test/loss when tested);
+    lr=0 keeps hand-set masks fixed."""
 
     def __init__(self):
         super().__init__(lr=0.0, samples=32)
 
-    def validation_step(self, batch, batch_idx):
+    def _evaluate(self, batch, stage):
         x, y = batch
         logits = self(x)
-        self.log("val/loss", F.cross_entropy(logits, y))
-        self.log("val/acc", (logits.argmax(dim=1) == y).float().mean())
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y))
+        self.log(f"{stage}/acc", (logits.argmax(dim=1) == y).float().mean())
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
 
     def val_dataloader(self):
         return self._loader()
 
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("test/loss", F.cross_entropy(logits, y))
-        self.log("test/acc", (logits.argmax(dim=1) == y).float().mean())
-
-    def test_dataloader(self):
-        return self._loader()
+    test_dataloader = val_dataloader
 
 
 class _HeldOut(LightningDataModule):
@@ -296,6 +295,8 @@ def test_a_test_of_the_fitted_model_is_added(tmp_path, held_out):
     metrics = trainer.callback_metrics
     assert summary["test_acc"] == pytest.approx(float(metrics["test/acc"]))
     assert summary["test_loss"] == pytest.approx(float(metrics["test/loss"]))
+    from scl_lightning.experiment.run_summary import TEST_HELD_OUT, TEST_NOT_DECLARED
+
     assert summary["test_split"] == (TEST_HELD_OUT if held_out else TEST_NOT_DECLARED)
     assert "never used for tuning" in TEST_HELD_OUT
     assert summary["metrics"]["test/acc"] == summary["test_acc"]
@@ -333,7 +334,19 @@ def test_table_after_test(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("SCL run summary") == 1
     assert f"test_acc            {callback.summary['test_acc']:.4f}" in out
-    assert f"test_split          {TEST_NOT_DECLARED}" in out
+    assert "test_split          not declared held out" in out
+
+
+def test_table_after_a_test_that_runs_no_batch(tmp_path, capsys):
+    model = _pruned_model()
+    callback = RunSummary(table_after_test=True)
+    trainer = _trainer(tmp_path, callbacks=[callback], limit_test_batches=0)
+    trainer.fit(model)
+    trainer.test(model, verbose=False)
+    out = capsys.readouterr().out
+    assert out.count("SCL run summary") == 1 and "test_acc" not in out
+    trainer.test(model, verbose=False)  # once only
+    assert "SCL run summary" not in capsys.readouterr().out
 
 
 def test_table_at_fit_end_then_one_line_after_the_test(tmp_path, capsys):

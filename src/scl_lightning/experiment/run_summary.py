@@ -136,7 +136,8 @@ class RunSummary(Callback):
         val_acc_key: the logged key of the validation accuracy (``None``: look for it).
         val_loss_key: the logged key of the validation loss (``None``: look for it).
         table_after_test: print the table when the test that follows ``fit`` ends, with its
-            results, instead of at the end of ``fit`` (``scl fit`` sets it when it tests).
+            results, instead of at the end of ``fit`` (``scl fit`` sets it when it tests); a
+            test that is not the fitted model's, or runs no batch, prints the fit's table.
 
     Raises:
         ValueError: if ``filename`` does not end in ``.json`` or contains a directory, or a
@@ -177,6 +178,7 @@ class RunSummary(Callback):
         self._example: Tensor | None = None
         self._start = 0.0
         self._fitted: weakref.ref[pl.LightningModule] | None = None
+        self._table_pending = False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -279,6 +281,8 @@ class RunSummary(Callback):
         directory.mkdir(parents=True, exist_ok=True)
         self.path = next_free_path(directory / self.filename)
         self._write()
+        # with table_after_test, the table waits for the end of the test (see teardown)
+        self._table_pending = self.print_table and self.table_after_test
         if self.print_table and not self.table_after_test:
             self._print()
 
@@ -303,7 +307,13 @@ class RunSummary(Callback):
             **rest,
         }
         self._write()
-        if self.print_table and self.table_after_test:
-            self._print()
-        elif self.print_table:
+        if self.print_table and not self._table_pending:
             print(f"test results added to {self.path}")
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # at the end of the test even when it ran no batch (limit_test_batches=0) or was not the
+        # fitted model's: the table is printed once, with whatever the summary holds
+        if stage == "test" and self._table_pending and trainer.is_global_zero:
+            self._table_pending = False
+            self._print()
