@@ -329,3 +329,17 @@ def test_every_message_is_documented():
     doc = DOC.read_text()
     missing = [case for case, text in MESSAGES.items() if text not in doc]
     assert not missing, f"docs/errors.md, case 34, lacks: {missing}"
+
+
+def test_scl_export_of_a_dropin_checkpoint_points_to_load_sparse(ckpt, tmp_path, capsys):
+    """`scl export` reads SCLModule checkpoints only; for a user's module the line says how to
+    do it in Python, with functions that exist."""
+    from scl_lightning.deploy import export_model
+    from scl_lightning.experiment.export_cli import main as export_main
+
+    assert export_main([str(ckpt), "--format", "dense", "--out", str(tmp_path / "x")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is not an SCLModule checkpoint" in line
+    assert "scl_lightning.load_sparse(MyModule, path)" in line and "export_model(" in line
+    assert callable(scl.load_sparse) and callable(export_model)
+    assert not (tmp_path / "x").exists()
