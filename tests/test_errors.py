@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
+import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 
@@ -156,6 +160,24 @@ MESSAGES: dict[str, list[str]] = {
         "checkpoints holding non-finite values are refused",
     ],
     "wandb_offline": ["W&B: cannot start an online run (", "); continuing offline under"],
+    "gpu_without_gpu": [
+        "--trainer.accelerator (set in ",
+        "gpu.yaml) asks for a GPU ('gpu'), but this machine has none that torch can use",
+        "; drop the GPU preset, or pass --trainer.accelerator cpu (or auto) to train on the CPU",
+    ],
+    "read_only_output": [
+        "cannot write the run's files under ",
+        "is read-only for this user; run scl from a writable directory, or point the loggers' "
+        "save_dir (and --trainer.default_root_dir) at one",
+    ],
+    "file_as_output": ["is a file, not a directory; choose another directory"],
+    "resumed_with_other_settings": [
+        "setting(s) other than the run's (",
+        "model.lam 2e-05 -> 4e-05, trainer.max_epochs ",
+        "; the new values are used from here on",
+        "To continue the run as it was, drop these overrides; to compare settings, start a new run "
+        "instead (without --ckpt_path)",
+    ],
     "bad_test_fraction": ["test_fraction must be a number in [0, 1), got 1.5"],
     "no_training_images": [
         "val_fraction=0.5 and test_fraction=0.5 leave no training samples out of 1797 (899 "
@@ -598,6 +620,113 @@ def test_output_directory_holding_a_finished_run(workdir, capsys, logger):
     line = _fails(capsys, [*args, "--model.lam=4e-5"], "output_dir_taken")
     assert str(Path("runs") / "fixed" / "version_0") in line
     assert _hashes(workdir) == before  # not a byte changed, nothing added
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_gpu_preset_without_a_gpu(finished_run, workdir, capsys, subcommand):
+    """The GPU trainer preset on a CPU-only machine: one line naming the preset, before
+    anything is built (it was Lightning's "No supported gpu backend found!" traceback)."""
+    before = _hashes(workdir)
+    args = [subcommand, *BASE, "--config", str(CONFIGS / "trainer" / "gpu.yaml")]
+    if subcommand == "test":
+        args.append("--ckpt_path=last")
+    _fails(capsys, args, "gpu_without_gpu")
+    assert _hashes(workdir) == before
+    assert _run_dirs(workdir) == {finished_run}
+
+
+def _writable_by_all(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
+    return directory
+
+
+def test_read_only_output_directory(tmp_path):
+    """`scl fit` in a directory this user cannot write: one line, exit 2, nothing created (it
+    was an unreadable jsonargparse error holding "Permission denied"). Run as an unprivileged
+    user (root writes anywhere): directly, or through `setpriv` when the tests run as root."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: cannot drop privileges")
+        prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    # a directory every user may enter (pytest's tmp_path is private to its owner)
+    base = Path(tempfile.mkdtemp(prefix="scl-readonly-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        read_only = _writable_by_all(base / "ro")
+        (read_only / "keep.txt").write_text("kept")
+        read_only.chmod(0o555)
+        code = "import sys; from scl_lightning.experiment.cli import main; main(sys.argv[1:])"
+        env = {**os.environ, "HOME": str(base), "WANDB_MODE": "offline"}
+        result = subprocess.run(
+            [*prefix, sys.executable, "-c", code, "fit", *BASE],
+            cwd=read_only,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        last = result.stderr.rstrip().splitlines()[-1]
+        assert last.startswith("scl: error:"), result.stderr[-3000:]
+        for phrase in MESSAGES["read_only_output"]:
+            assert phrase in last, last
+        assert str(read_only / "runs") in last
+        assert sorted(p.name for p in read_only.iterdir()) == ["keep.txt"]
+    finally:
+        (base / "ro").chmod(0o755)
+        shutil.rmtree(base)
+
+
+def test_output_directory_that_is_a_file(workdir, capsys):
+    (workdir / "taken").write_text("a file")
+    line = _fails(
+        capsys, ["fit", *BASE, "--trainer.logger.init_args.save_dir=taken/runs"], "file_as_output"
+    )
+    assert str(workdir / "taken") in line
+    assert sorted(p.name for p in workdir.iterdir()) == ["taken"]
+
+
+# ------------------------------------------------------------------ resuming with other settings
+
+
+def test_resume_with_other_settings_warns_and_uses_them(finished_run, workdir, capsys):
+    """`--ckpt_path last` with another lam and more epochs: one warning naming each differing
+    setting with both values; the new values are used (it was silent)."""
+    args = ["fit", *BASE, "--model.lam=4e-5", "--trainer.max_epochs=2", "--ckpt_path=last"]
+    with pytest.warns(UserWarning, match="other than the run's") as caught:
+        main(args)
+    (message,) = [str(w.message) for w in caught if "other than the run's" in str(w.message)]
+    for phrase in MESSAGES["resumed_with_other_settings"]:
+        assert phrase in message, message
+    assert "trainer.max_epochs 1 -> 2;" in message
+    assert str(Path("runs") / "lightning_logs" / "version_0" / "config.yaml") in message
+    stored = torch.load(finished_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert stored["hyper_parameters"]["lam"] == 4e-5 and stored["epoch"] == 2
+    assert (finished_run / "config.resume-1.yaml").is_file()
+
+
+def test_resume_with_the_same_settings_is_silent(finished_run, workdir, recwarn):
+    main(["fit", *BASE, "--trainer.max_epochs=1", "--ckpt_path=last"])
+    assert not [w for w in recwarn if "other than the run's" in str(w.message)]
+
+
+def test_resume_from_a_checkpoint_outside_its_run_compares_stored_settings(finished_run, workdir):
+    """No config.yaml next to the checkpoint: the model and data settings it stores are the
+    reference."""
+    moved = workdir / "moved.ckpt"
+    shutil.copy(finished_run / "checkpoints" / "last.ckpt", moved)
+    args = ["fit", *BASE, "--model.lam=4e-5", "--data.init_args.batch_size=32"]
+    with pytest.warns(UserWarning, match="other than the run's") as caught:
+        main([*args, f"--ckpt_path={moved}", "--trainer.max_epochs=2"])
+    (message,) = [str(w.message) for w in caught if "other than the run's" in str(w.message)]
+    assert f"the settings stored in {moved}" in message
+    assert "data.init_args.batch_size 64 -> 32" in message and "model.lam 2e-05 -> 4e-05" in message
+    assert "trainer.max_epochs" not in message  # a checkpoint does not store trainer settings
 
 
 # ------------------------------------------------------------------ runs stopped in training

@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "SafeCheckpointIO": "scl_lightning.experiment.checkpoint",
     "load_checkpoint": "scl_lightning.experiment.checkpoint",
+    "load_sparse": "scl_lightning.experiment.reload",
 }
 
 
@@ -48,6 +49,7 @@ __all__ = [
     "layer_sparsity",
     "load_checkpoint",
     "load_pruned",
+    "load_sparse",
     "masked_modules",
     "save_pruned",
     "sparsify",

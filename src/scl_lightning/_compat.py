@@ -35,11 +35,16 @@ def _granularity(state: dict[str, Any], mask_key: str) -> str | None:
 
 
 def check_compatible(
-    expected: dict[str, Any], found: dict[str, Any], source: str = "the checkpoint"
+    expected: dict[str, Any],
+    found: dict[str, Any],
+    source: str = "the checkpoint",
+    hint: str | None = None,
 ) -> None:
     """Check that the state dict ``found`` (from a checkpoint) fits a model whose state dict is
     ``expected``, and say in one line what does not: masks that differ in shape, masks on one
     side only (a dense checkpoint for a masked model, or the reverse), or another architecture.
+    ``hint`` replaces what the line says to do about a mask shape or another architecture
+    (by default: build the ``SCLModule`` it was trained with).
 
     Example::
 
@@ -49,7 +54,7 @@ def check_compatible(
         ...
         scl_lightning._compat.CheckpointError: the checkpoint does not fit this model: mask ...
     """
-    hint = (
+    hint = hint or (
         "load it into the model it was trained with (same backbone, num_classes, input_shape, "
         "exclude and granularity)"
     )

@@ -1,3 +1,5 @@
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -12,9 +14,11 @@ from scl_lightning.nn.masked import (
 from scl_lightning.nn.sparsify import (
     MASKED_CLASSES,
     export_pruned,
+    mask_spec,
     maskable_modules,
     masked_modules,
     sparsify,
+    sparsify_like,
 )
 from scl_lightning.nn.ste import HardtanhSTE, LeakyReLUSTE, SoftplusSTE
 
@@ -479,3 +483,78 @@ def test_sparsify_again_with_another_estimator_warns_and_names_the_layers():
     with pytest.warns(UserWarning, match=r"2 layer\(s\) are already masked .* keep it: 0 \("):
         sparsify(net, ste="softplus")
     assert type(net[0].ste).__name__ == "IdentitySTE"  # kept, as the warning says
+
+
+# -- mask_spec / sparsify_like: a network's masked layers described, and rebuilt --------------
+
+
+def test_mask_spec_round_trips_layers_estimators_and_granularity():
+    trained = sparsify(
+        Zoo(), exclude=["head", "blocks.b"], ste="leaky_relu", ste_kwargs={"alpha": 0.2}
+    )
+    with pytest.warns(UserWarning, match="already masked"):
+        sparsify(trained, granularity="channel", ste="softplus")  # the rest, another way
+    spec = mask_spec(trained)
+    assert spec["stem"] == {
+        "ste": "leaky_relu",
+        "ste_kwargs": {"alpha": 0.2},
+        "granularity": "weight",
+    }
+    assert spec["head"] == {
+        "ste": "softplus",
+        "ste_kwargs": {"beta": 1.0},
+        "granularity": "channel",
+    }
+
+    fresh = sparsify_like(Zoo(), spec)
+    assert mask_spec(fresh) == spec
+    fresh.load_state_dict(trained.state_dict(), strict=True)
+    for (_, a), (_, b) in zip(masked_modules(trained), masked_modules(fresh), strict=True):
+        assert a.ste == b.ste and a.granularity == b.granularity
+
+
+def test_mask_spec_loads_with_weights_only():
+    spec = mask_spec(sparsify(nn.Sequential(nn.Linear(3, 2))))
+    assert spec == {"0": {"ste": "identity", "ste_kwargs": {}, "granularity": "weight"}}
+    buffer = io.BytesIO()
+    torch.save({"spec": spec}, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True) == {"spec": spec}
+
+
+def test_sparsify_like_defaults_and_a_network_that_is_one_layer():
+    layer = sparsify_like(nn.Linear(3, 2), {"": {}})
+    assert isinstance(layer, MaskedLinear) and layer.granularity == "weight"
+    assert layer.ste.name == "identity" and bool((layer.mask == 1).all())
+
+
+def test_sparsify_like_keeps_layers_masked_already():
+    net = sparsify(nn.Sequential(nn.Linear(3, 2)), ste="hardtanh")
+    sparsify_like(net, {"0": {"ste": "softplus", "granularity": "channel"}})
+    assert net[0].ste == HardtanhSTE() and net[0].mask.shape == (2, 3)
+
+
+def test_sparsify_like_masks_a_shared_layer_once():
+    shared = nn.Linear(3, 3)
+    trained = sparsify(nn.Sequential(shared, nn.ReLU(), shared))
+    spec = {"0": {}, "2": {}}  # a state dict names a shared layer under each of its names
+    layer = nn.Linear(3, 3)
+    fresh = sparsify_like(nn.Sequential(layer, nn.ReLU(), layer), spec)
+    fresh.load_state_dict(trained.state_dict(), strict=True)
+    assert fresh[0] is fresh[2] and isinstance(fresh[0], MaskedLinear)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({"9": {}}, r"^Sequential has no layer '9' to mask; Sequential is not the network that"),
+        ({"1": {}}, r"^Sequential.1 is a ReLU, not an nn.Linear or nn.Conv1d/2d/3d to mask; "),
+        ({"0": {"ste": "mine"}}, r"layer '0': unknown STE 'mine'.*register_ste"),
+        ({"0": {"granularity": "row"}}, r"granularity must be one of"),
+    ],
+)
+def test_sparsify_like_errors_convert_nothing(spec, match):
+    net = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
+    with pytest.raises(ValueError, match=match):
+        sparsify_like(net, {"0": {}, **spec})
+    assert not any(True for _ in masked_modules(net))

@@ -36,10 +36,10 @@ from scl_lightning.nn.collapse import LayerCollapseGuard
 from scl_lightning.nn.flops import FlopCounts, example_for, flop_counts
 from scl_lightning.nn.masked import MaskedLayer, validate_granularity, validate_mask_init
 from scl_lightning.nn.normalize import normalize_mask_gradient, validate_norm_mode
-from scl_lightning.nn.sparsify import maskable_modules, masked_modules, sparsify
+from scl_lightning.nn.sparsify import mask_spec, maskable_modules, masked_modules, sparsify
 from scl_lightning.nn.ste import get_ste
 
-__all__ = ["SparseConnectivityLearning", "masks_trainable", "validate_phases"]
+__all__ = ["MASK_SPEC_KEY", "SparseConnectivityLearning", "masks_trainable", "validate_phases"]
 
 #: lambda when neither ``lam`` nor a target is given
 DEFAULT_LAM = 2e-5
@@ -47,6 +47,9 @@ DEFAULT_LAM = 2e-5
 DEFAULT_TARGET_FRACTION = 0.2
 #: a final gap to the target beyond this (sparsity, or FLOPs fraction) is warned about
 TARGET_WARN_GAP = 0.01
+#: the checkpoint entry where the engine records how the module's layers are masked
+#: (:func:`~scl_lightning.nn.mask_spec`), for :func:`scl_lightning.load_sparse` to rebuild them
+MASK_SPEC_KEY = "scl_mask_spec"
 Penalty = Literal["count", "density", "flops"]
 
 
@@ -108,7 +111,9 @@ class SparseConnectivityLearning(Callback):
     in the Trainer is taken over: its ``mode`` and ``eps`` replace ``normalize``, and it runs
     here, after the penalty is added, not on its own. Masks stay float32 under ``bf16-true`` and
     ``16-true`` (see :class:`~scl_lightning.nn.MaskedLinear`). Sharded strategies that flatten
-    parameters (FSDP, DeepSpeed) are not supported.
+    parameters (FSDP, DeepSpeed) are not supported. Every checkpoint records how the module's
+    layers are masked (under :data:`MASK_SPEC_KEY`), so that :func:`scl_lightning.load_sparse`
+    rebuilds the module with its masks outside a Trainer.
 
     Args:
         lam: weight of the connection penalty, ``>= 0``; ``None`` means 2e-5 without a target
@@ -762,6 +767,18 @@ class SparseConnectivityLearning(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._monitoring:
             self.monitor.on_train_epoch_end(trainer, pl_module)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # which layers are masked, with which estimator and granularity, keyed like the state
+        # dict: what `scl_lightning.load_sparse` needs to rebuild the module outside a Trainer
+        # (Lightning skips this hook for weights-only checkpoints; the masks' shapes then say
+        # all but the estimator)
+        spec = mask_spec(pl_module)
+        if spec:
+            checkpoint[MASK_SPEC_KEY] = spec
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Running experiments: the ``scl`` command, checkpoint IO, exact resume, non-finite stop, rank
-agreement, run summary, W&B artifacts and loggers, and ``scl report``.
+agreement, run summary, W&B artifacts and loggers, ``load_sparse`` (a module trained with SCL,
+rebuilt outside a Trainer), and ``scl report``.
 
 Everything here serves runs of the ``scl`` CLI, and is usable in a Trainer of your own::
 
@@ -33,6 +34,7 @@ from scl_lightning.experiment.rank_agreement import (
     divergence_message,
     parameter_fingerprints,
 )
+from scl_lightning.experiment.reload import load_sparse
 from scl_lightning.experiment.run_summary import RunSummary, format_summary
 from scl_lightning.experiment.wandb_artifacts import WandbArtifacts
 
@@ -54,6 +56,7 @@ __all__ = [
     "finite_flag",
     "format_summary",
     "load_checkpoint",
+    "load_sparse",
     "non_finite_kind",
     "parameter_fingerprints",
     "rng_state",

@@ -22,11 +22,12 @@ from typing import Any, NamedTuple
 import lightning.pytorch as pl
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from scl_lightning._utils import next_free_path
@@ -380,6 +381,151 @@ def _check_epochs(trainer_config: Any) -> None:
         )
 
 
+#: accelerator names that need CUDA (Lightning's "gpu" also means Apple's MPS)
+_CUDA_ACCELERATORS = ("gpu", "cuda")
+
+
+def _setting_source(argv: list[str], key: str) -> str:
+    """Where ``key`` (a dotted trainer setting) was set: ``--key`` on the command line, else the
+    last ``--config`` file that sets it, for the error message."""
+    flag = f"--{key}"
+    if any(arg == flag or arg.startswith(f"{flag}=") for arg in argv):
+        return flag
+    section, _, name = key.partition(".")
+    source = ""
+    for path in _config_paths(argv):
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get(section), dict):
+            if name in data[section]:
+                source = path
+    return f"{flag} (set in {source})" if source else flag
+
+
+def _check_accelerator(trainer_config: Any, argv: list[str]) -> None:
+    """A GPU trainer (``accelerator: gpu``, as in ``configs/trainer/gpu.yaml``) on a machine
+    where torch sees no GPU is one line, before anything is built (Lightning's own error is a
+    traceback saying "No supported gpu backend found!")."""
+    import torch
+
+    accelerator = trainer_config.get("accelerator")
+    if not isinstance(accelerator, str) or accelerator.lower() not in _CUDA_ACCELERATORS:
+        return
+    if torch.cuda.is_available():
+        return
+    if accelerator.lower() == "gpu" and torch.backends.mps.is_available():
+        return
+    build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
+    raise ValueError(
+        f"{_setting_source(argv, 'trainer.accelerator')} asks for a GPU ({accelerator!r}), but "
+        f"this machine has none that torch can use ({build}); drop the GPU preset, or pass "
+        "--trainer.accelerator cpu (or auto) to train on the CPU"
+    )
+
+
+def _output_directories(trainer_config: Any) -> list[Path]:
+    """The directories a run writes into, as configured and made absolute: every logger's
+    ``save_dir`` (W&B's ``dir`` too), each fixed checkpoint ``dirpath``, and
+    ``default_root_dir`` when it is set or nothing else is (Lightning's default logger and
+    checkpoints then write there)."""
+    found: list[Path] = []
+    for logger in _logger_configs(trainer_config):
+        init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        if init_args is None:
+            continue
+        for key in ("save_dir", "dir"):
+            value = init_args.get(key)
+            if value:
+                found.append(Path(str(value)))
+    found += _checkpoint_dirpaths(trainer_config)[0]
+    if trainer_config.get("default_root_dir") or not found:
+        found.append(Path(trainer_config.get("default_root_dir") or "."))
+    # remote storage (s3://..., which Path turns into s3:/...) is not checked
+    local = [path for path in found if not (path.parts and path.parts[0].endswith(":"))]
+    return list(dict.fromkeys(path.absolute() for path in local))
+
+
+def _check_writable(trainer_config: Any) -> None:
+    """Each output directory (or, where it does not exist yet, the nearest existing directory
+    above it, where it will be created) must be writable, checked before any logger creates
+    or writes a file. Reads only; a directory given as an existing file is refused too."""
+    for directory in _output_directories(trainer_config):
+        existing = directory
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            raise ValueError(
+                f"cannot write the run's files under {directory}: {existing} is a file, not a "
+                "directory; choose another directory (the loggers' save_dir, "
+                "--trainer.default_root_dir or the checkpoint dirpath)"
+            )
+        if not os.access(existing, os.W_OK | os.X_OK):
+            where = "" if existing == directory else f" (its nearest existing parent {existing})"
+            raise ValueError(
+                f"cannot write the run's files under {directory}: the directory{where} is "
+                "read-only for this user; run scl from a writable directory, or point the "
+                "loggers' save_dir (and --trainer.default_root_dir) at one"
+            )
+
+
+#: settings that say where and how the run is recorded, not what it learns: never compared
+_NOT_COMPARED_ON_RESUME = ("ckpt_path", "trainer.logger", "config")
+
+
+def _run_config_file(checkpoint: Path) -> Path | None:
+    """The config the run of ``checkpoint`` last ran with: the newest of ``config.yaml`` and
+    ``config.resume-N.yaml`` in its run directory (``<run>/checkpoints/x.ckpt`` or
+    ``<run>/x.ckpt``)."""
+    for directory in (checkpoint.parent.parent, checkpoint.parent):
+        found = [
+            path
+            for path in directory.glob("config*.yaml")
+            if path.name == "config.yaml" or path.name.startswith("config.resume")
+        ]
+        if found:
+            return max(found, key=lambda path: path.stat().st_mtime)
+    return None
+
+
+def _checkpoint_settings(checkpoint: Path) -> dict[str, Any]:
+    """The model and data module settings stored in a Lightning checkpoint (its
+    ``hyper_parameters`` and ``datamodule_hyper_parameters``), under the config's dotted keys."""
+    stored = load_checkpoint(checkpoint)
+    flat: dict[str, Any] = {}
+    for key, value in (stored.get("hyper_parameters") or {}).items():
+        if not key.startswith("_"):
+            flat[f"model.{key}"] = value
+    data = stored.get("datamodule_hyper_parameters") or {}
+    if "_class_path" in data:
+        flat["data.class_path"] = data["_class_path"]
+    for key, value in data.items():
+        if not key.startswith("_"):
+            flat[f"data.init_args.{key}"] = value
+    return yaml.safe_load(yaml.safe_dump(flat))  # tuples as lists, as in the config
+
+
+def settings_changed_on_resume(
+    before: Mapping[str, Any], now: Mapping[str, Any]
+) -> list[tuple[str, Any, Any]]:
+    """``(key, value in the run, value now)`` for every dotted key both flat configs hold and
+    whose values differ, but for the keys that only say where the run is recorded."""
+    changes = []
+    for key in sorted(before.keys() & now.keys()):
+        if any(key == skip or key.startswith(f"{skip}.") for skip in _NOT_COMPARED_ON_RESUME):
+            continue
+        if before[key] != now[key]:
+            changes.append((key, before[key], now[key]))
+    return changes
+
+
+def _describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 8) -> str:
+    shown = [f"{key} {old!r} -> {new!r}" for key, old, new in changes[:limit]]
+    more = f" and {len(changes) - limit} more" if len(changes) > limit else ""
+    return ", ".join(shown) + more
+
+
 def _resolve_last_checkpoint(config: Any) -> None:
     """``--ckpt_path last`` continues the latest run of the recipe, in its own directory.
 
@@ -444,6 +590,14 @@ class SCLCLI(LightningCLI):
       :class:`~scl_lightning.experiment.WandbArtifacts` is added on ``fit``.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("args")
+        #: the command line, for error messages that name where a setting came from
+        self.argv: list[str] = (
+            [str(arg) for arg in given] if isinstance(given, list) else sys.argv[1:]
+        )
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
@@ -476,6 +630,10 @@ class SCLCLI(LightningCLI):
 
     @override
     def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            trainer_config = self.config[self.subcommand].trainer
+            _check_accelerator(trainer_config, self.argv)
+            _check_writable(trainer_config)
         if self.subcommand in _EVALUATE:
             _resolve_checkpoint_to_evaluate(self.config[self.subcommand], self.subcommand)
         if self.subcommand == "fit":
@@ -498,6 +656,39 @@ class SCLCLI(LightningCLI):
         )
         if message:
             raise OutputDirectoryError(message)
+        self._warn_if_resumed_with_other_settings()
+
+    def _warn_if_resumed_with_other_settings(self) -> None:
+        """Resuming with settings other than the run's (another ``lam``, more epochs, another
+        learning rate) is allowed, as it is the way to extend a run or to recover from a NaN, and
+        the new values are used; one warning names every setting that differs, with both values.
+        The run's own settings are its newest ``config.yaml``/``config.resume-N.yaml``; a
+        checkpoint found outside a run directory is compared by the model and data settings it
+        stores."""
+        config = self.config["fit"]
+        resume = config.get("ckpt_path")
+        if not resume or "://" in str(resume) or str(resume) in _SPECIAL_CKPT_PATHS[1:]:
+            return
+        checkpoint = Path(resume) if resume != "last" else _find_last_checkpoint(config.trainer)[0]
+        if checkpoint is None or not checkpoint.is_file():
+            return
+        now = flatten_config(yaml.safe_load(self._parser("fit").dump(config, skip_none=False)))
+        reference = _run_config_file(checkpoint)
+        if reference is not None:
+            before = flatten_config(yaml.safe_load(reference.read_text(encoding="utf-8")) or {})
+            source, saved = str(reference), " (saved as config.resume-N.yaml next to it)"
+        else:
+            before = _checkpoint_settings(checkpoint)
+            source, saved = f"the settings stored in {checkpoint}", ""
+        changes = settings_changed_on_resume(before, now)
+        if changes:
+            rank_zero_warn(
+                f"scl: resuming {checkpoint} with {len(changes)} setting(s) other than the run's "
+                f"({source}): {_describe_changes(changes)}; the new values are used from here "
+                f"on{saved}. To continue the run as it was, drop these overrides; to compare "
+                "settings, start a new run instead (without --ckpt_path)",
+                category=UserWarning,
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)
@@ -568,8 +759,17 @@ def _parse_error_line(err: ArgumentError) -> str:
     return f"{where}{detail}" if detail else where.rstrip(": ") or "invalid arguments"
 
 
-#: errors a user can act on, reported as one line; anything else is a bug and keeps its traceback
-_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, CheckpointError)
+#: errors a user can act on, reported as one line; anything else is a bug and keeps its traceback.
+#: Lightning raises ``MisconfigurationException`` for Trainer settings this machine cannot run
+#: (more devices than it has, a strategy it lacks).
+_USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    FileExistsError,
+    CheckpointError,
+    MisconfigurationException,
+)
 
 
 def main(args: list[str] | None = None) -> None:

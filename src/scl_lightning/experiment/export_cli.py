@@ -84,7 +84,8 @@ def load_trained(ckpt: Path) -> tuple[Any, tuple[int, ...]]:
     if not isinstance(hparams, dict) or "backbone" not in hparams or not isinstance(state, dict):
         raise ValueError(
             f"{ckpt} is not an SCLModule checkpoint (no backbone in its hyper-parameters); for "
-            "your own LightningModule call scl_lightning.deploy.export(model, ...) in Python"
+            "your own LightningModule, in Python: model = scl_lightning.load_sparse(MyModule, "
+            "path), then scl_lightning.deploy.export_model(model, out, format, example_input)"
         )
     kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
     shape = kwargs.get("input_shape")

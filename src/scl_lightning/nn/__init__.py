@@ -17,9 +17,11 @@ from scl_lightning.nn.normalize import (
 from scl_lightning.nn.sparsify import (
     MASKED_CLASSES,
     export_pruned,
+    mask_spec,
     maskable_modules,
     masked_modules,
     sparsify,
+    sparsify_like,
 )
 from scl_lightning.nn.stats import (
     Connectivity,
@@ -74,6 +76,7 @@ __all__ = [
     "heaviside",
     "layer_connectivity",
     "layer_sparsity",
+    "mask_spec",
     "maskable_modules",
     "masked_modules",
     "masked_weight",
@@ -81,6 +84,7 @@ __all__ = [
     "normalize_per_feature",
     "register_ste",
     "sparsify",
+    "sparsify_like",
     "step",
     "total_connections",
 ]

@@ -1,4 +1,5 @@
-"""Turn any ``nn.Module`` into an SCL network and back: sparsify, masked_modules, export_pruned."""
+"""Turn any ``nn.Module`` into an SCL network and back: sparsify, masked_modules, export_pruned,
+and mask_spec / sparsify_like, which describe a network's masked layers and rebuild them."""
 
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ from scl_lightning.nn.ste import STE, get_ste, step
 __all__ = [
     "MASKED_CLASSES",
     "export_pruned",
+    "mask_spec",
     "maskable_modules",
     "masked_modules",
     "sparsify",
+    "sparsify_like",
 ]
 
 M = TypeVar("M", bound=nn.Module)
@@ -180,6 +183,91 @@ def sparsify(
         MASKED_CLASSES[type(module)].from_dense(
             module, mask_init=mask_init, ste=estimator, granularity=granularity
         )
+    return model
+
+
+def mask_spec(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """How each masked layer of ``model`` is masked, as plain data (strings, numbers, dicts):
+    ``{qualified name: {"ste": name, "ste_kwargs": {...}, "granularity": ...}}``.
+
+    A checkpoint read with ``weights_only=True`` can hold it, and :func:`sparsify_like` masks
+    the same layers of a freshly built ``model`` the same way from it, so that the trained
+    state dict loads with ``strict=True`` (the drop-in callback saves it in every checkpoint).
+
+    Example::
+
+        >>> net = sparsify(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)),
+        ...                ste="leaky_relu", ste_kwargs={"alpha": 0.2}, granularity="channel")
+        >>> mask_spec(net)["2"]
+        {'ste': 'leaky_relu', 'ste_kwargs': {'alpha': 0.2}, 'granularity': 'channel'}
+    """
+    return {
+        name: {
+            # an estimator of one's own that was never registered is recorded by its class
+            "ste": layer.ste.name or type(layer.ste).__name__,
+            "ste_kwargs": dict(layer.ste.hparams()),
+            "granularity": layer.granularity,
+        }
+        for name, layer in masked_modules(model)
+    }
+
+
+def sparsify_like(model: M, spec: Mapping[str, Mapping[str, Any]]) -> M:
+    """Mask the layers of ``model`` that ``spec`` names, as it says, in place: the inverse of
+    :func:`mask_spec`.
+
+    Every layer is checked before any is converted. A layer that is masked already keeps its
+    mask and estimator. An entry may leave out ``"ste"`` (``"identity"``), ``"ste_kwargs"``
+    and ``"granularity"`` (``"weight"``); mask values start at 1, for a state dict to replace.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: if ``spec`` names a layer ``model`` does not have, or one that is not an
+            ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (:func:`sparsify` masks only those), or an
+            estimator or granularity that is not known.
+
+    Example::
+
+        >>> trained = sparsify(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)),
+        ...                    exclude=["2"], ste="softplus")
+        >>> fresh = sparsify_like(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)),
+        ...                       mask_spec(trained))
+        >>> fresh.load_state_dict(trained.state_dict(), strict=True)
+        <All keys matched successfully>
+        >>> fresh[0].ste, type(fresh[2]).__name__
+        (SoftplusSTE(beta=1.0), 'Linear')
+    """
+    network = type(model).__name__
+    other = (
+        f"{network} is not the network that was masked (build that one: the same class, with "
+        "the same arguments)"
+    )
+    todo: dict[int, tuple[nn.Module, STE, str]] = {}  # a layer shared under two names: once
+    for name, entry in spec.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{network} has no layer {name!r} to mask; {other}") from None
+        if isinstance(module, MaskedLayer) or id(module) in todo:
+            continue
+        if type(module) not in MASKED_CLASSES:
+            raise ValueError(
+                f"{network}.{name} is a {type(module).__name__}, not an nn.Linear or "
+                f"nn.Conv1d/2d/3d to mask; {other}"
+            )
+        try:
+            estimator = get_ste(entry.get("ste", "identity"), **dict(entry.get("ste_kwargs") or {}))
+        except ValueError as err:
+            raise ValueError(
+                f"layer {name!r}: {err}; an estimator of your own must be registered first "
+                "(scl_lightning.nn.register_ste)"
+            ) from None
+        granularity = validate_granularity(entry.get("granularity", "weight"))
+        todo[id(module)] = (module, estimator, granularity)
+    for module, estimator, granularity in todo.values():
+        MASKED_CLASSES[type(module)].from_dense(module, ste=estimator, granularity=granularity)
     return model
 
 
