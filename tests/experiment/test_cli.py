@@ -272,6 +272,18 @@ def test_ckpt_path_last_resumes_the_latest_run_in_its_directory(workdir):
     assert first["global_step"] == 3
 
 
+def test_resuming_without_the_test_after_fit_is_silent(workdir, recwarn):
+    """--test_after_fit changes nothing the training does: no "settings other than the run's"
+    warning, and the resumed run's summary has no test."""
+    fit = ["fit", "--config", RECIPE, "--config", CSV, *FAST]
+    main(fit)
+    main([*fit, "--test_after_fit=false", "--ckpt_path", "last"])
+    assert not [w for w in recwarn if "other than the run's" in str(w.message)]
+    run = workdir / "runs" / "lightning_logs" / "version_0"
+    assert "test_acc" in json.loads((run / "summary.json").read_text())
+    assert "test_acc" not in json.loads((run / "summary-1.json").read_text())
+
+
 def test_ckpt_path_last_with_no_run_yet_starts_one(workdir, capsys):
     main(["fit", "--config", RECIPE, "--config", CSV, *FAST, "--ckpt_path", "last"])
     assert (workdir / "runs" / "lightning_logs" / "version_0" / "summary.json").is_file()

@@ -471,7 +471,7 @@ def _check_writable(trainer_config: Any) -> None:
 
 
 #: settings that say where and how the run is recorded, not what it learns: never compared
-_NOT_COMPARED_ON_RESUME = ("ckpt_path", "trainer.logger", "config")
+_NOT_COMPARED_ON_RESUME = ("ckpt_path", "trainer.logger", "config", "test_after_fit")
 
 
 def _run_config_file(checkpoint: Path) -> Path | None:
@@ -510,7 +510,8 @@ def settings_changed_on_resume(
     before: Mapping[str, Any], now: Mapping[str, Any]
 ) -> list[tuple[str, Any, Any]]:
     """``(key, value in the run, value now)`` for every dotted key both flat configs hold and
-    whose values differ, but for the keys that only say where the run is recorded."""
+    whose values differ, but for the keys that only say where the run is recorded or what is
+    done after training (``test_after_fit``)."""
     changes = []
     for key in sorted(before.keys() & now.keys()):
         if any(key == skip or key.startswith(f"{skip}.") for skip in _NOT_COMPARED_ON_RESUME):
