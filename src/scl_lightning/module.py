@@ -364,11 +364,10 @@ class SCLModule(pl.LightningModule):
         # Lightning's `log` costs about as much as a small network's whole step, so values that
         # only the loggers see are logged on the steps Lightning writes to them, no others.
         # The task loss is also in the progress bar, next to the total (which alone hides how
-        # much of it is the penalty), as of the last logging step like `sparsity/global`, and
-        # from each epoch's first batch (which also puts it next to the total in the bar).
-        if logs or batch_idx == 0:
-            self.log("train/task_loss", task_loss, prog_bar=True, batch_size=n)
+        # much of it is the penalty), as of the last logging step like `sparsity/global` (any
+        # other step would make a resumed run end with other callback_metrics).
         if logs:
+            self.log("train/task_loss", task_loss, prog_bar=True, batch_size=n)
             self.log("train/penalty", penalty, batch_size=n)
             self.log("train/connections", active, batch_size=n)
         return loss

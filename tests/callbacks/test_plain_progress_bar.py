@@ -12,11 +12,13 @@ from scl_lightning.callbacks import PlainProgressBar
 
 
 class Validated(TinyClassifier):
-    """TinyClassifier with a validation loss in the progress bar, and the training loss."""
+    """TinyClassifier with the training loss, a learning rate (logged after it) and a
+    validation loss in the progress bar."""
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         self.log("train/loss", loss, prog_bar=True)
+        self.log("lr", self.lr, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -43,7 +45,7 @@ def _trainer(tmp_path, bar, **overrides):
     return quiet_trainer(tmp_path, **{**settings, **overrides})
 
 
-def test_one_line_per_epoch_with_the_progress_bar_metrics(tmp_path, capsys):
+def test_one_line_per_epoch_with_the_progress_bar_metrics_sorted(tmp_path, capsys):
     trainer = _trainer(tmp_path, PlainProgressBar())
     trainer.fit(Validated())
     out = capsys.readouterr().out
@@ -53,7 +55,7 @@ def test_one_line_per_epoch_with_the_progress_bar_metrics(tmp_path, capsys):
     for epoch, line in enumerate(lines):
         assert re.fullmatch(
             rf"Epoch {epoch}/2 \| step {4 * (epoch + 1)} \| [0-9.]+ s \([0-9.]+ s total\) \| "
-            r"train/loss=[0-9.e-]+, val/loss=[0-9.e-]+",
+            r"lr=0.1, train/loss=[0-9.e-]+, val/loss=[0-9.e-]+",  # sorted by name
             line,
         ), line
     assert trainer.progress_bar_callback is not None

@@ -36,8 +36,9 @@ class PlainProgressBar(ProgressBar):
     On a terminal that is one line that moves; written to a pipe or a file (``scl fit ... |
     tee log``, a cluster job's output) every redraw stays, about 9 KB per digits epoch. This
     progress bar writes a line when a training epoch ends, with the epoch, the global step, the
-    time, and the metrics logged with ``prog_bar=True`` (the values the bar would show, validation's
-    included), and, in an epoch longer than ``every_n_seconds``, a line at most that often.
+    time, and the metrics logged with ``prog_bar=True`` (the values the bar would show,
+    validation's included, sorted by name), and, in an epoch longer than ``every_n_seconds``, a
+    line at most that often.
     The sanity check and the validation inside ``fit`` write nothing of their own (their
     metrics are on the epoch's line); a ``validate``, ``test`` or ``predict`` run writes one
     line when it ends. Lines go to ``sys.stdout``, flushed, and only on rank zero.
@@ -61,8 +62,8 @@ class PlainProgressBar(ProgressBar):
 
     A line, on the digits recipe::
 
-        Epoch 3/39 | step 92 | 0.3 s (1.4 s total) | train/loss=0.3046, train/task_loss=0.2853,
-        lam=2e-05, sparsity/global=0.7062, val/loss=0.1552, val/acc=0.9556
+        Epoch 39/39 | step 920 | 0.7 s (1:07 total) | lam=2e-05, sparsity/global=0.9353,
+        train/loss=0.07803, train/task_loss=0.01311, val/acc=0.975, val/loss=0.09643
     """
 
     def __init__(self, every_n_seconds: float = 60.0) -> None:
@@ -118,8 +119,10 @@ class PlainProgressBar(ProgressBar):
         return epoch
 
     def _metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        # sorted: every line of a log lists its values in the same order (the bar's follows
+        # when each key was first logged), and a namespace's keys stand together
         metrics = self.get_metrics(trainer, pl_module)
-        return ", ".join(f"{key}={_value(value)}" for key, value in metrics.items())
+        return ", ".join(f"{key}={_value(metrics[key])}" for key in sorted(metrics))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
