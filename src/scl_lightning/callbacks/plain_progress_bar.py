@@ -62,7 +62,7 @@ class PlainProgressBar(ProgressBar):
 
     A line, on the digits recipe::
 
-        Epoch 39/39 | step 920 | 0.7 s (1:07 total) | lam=2e-05, sparsity/global=0.9353,
+        Epoch 39/39 | step 920 | 0.2 s (6.7 s total) | lam=2e-05, sparsity/global=0.9353,
         train/loss=0.07803, train/task_loss=0.01311, val/acc=0.975, val/loss=0.09643
     """
 
