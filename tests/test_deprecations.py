@@ -196,7 +196,9 @@ def test_from_callbacks_import_a_moved_name_warns_at_the_importing_line():
 def test_callbacks_keeps_the_method_and_its_submodules_import():
     assert scl_lightning.callbacks.__all__ == [
         "MaskGradientNormalization",
+        "PlainProgressBar",
         "SparseConnectivityLearning",
+        "SparseModelSummary",
         "SparsityMonitor",
     ]
     with warnings.catch_warnings(record=True) as record:

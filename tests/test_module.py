@@ -640,7 +640,8 @@ def test_default_optimizer_is_not_fused_where_torch_has_no_fused_kernel():
 def test_logger_only_values_are_logged_at_lightnings_logging_steps_only(tmp_path):
     """``train/task_loss`` and ``train/connections`` are logged where Lightning writes step
     metrics to the loggers (every ``log_every_n_steps``), and not on the other steps, where
-    Lightning would drop them; ``train/loss`` (progress bar) and ``lam`` are still shown."""
+    Lightning would drop them; ``train/loss`` and ``train/task_loss`` (progress bar) and
+    ``lam`` are still shown."""
 
     class CountLogs(Callback):
         def __init__(self):
@@ -685,6 +686,17 @@ def test_logger_only_values_are_logged_at_lightnings_logging_steps_only(tmp_path
         assert float(r["train/penalty"]) == pytest.approx(
             module.lam * float(r["train/connections"]), rel=1e-6
         )
+
+
+def test_progress_bar_shows_the_task_loss_next_to_the_total(tmp_path):
+    """Issue 15, item 5: the total ``train/loss`` alone hides how much of it is the penalty;
+    the bar also shows ``train/task_loss``, as of the last logging step."""
+    module = SCLModule("lenet_300_100", lam=1e-3, **SMALL)
+    trainer = _trainer(tmp_path, limit_train_batches=5, log_every_n_steps=2)
+    trainer.fit(module, DigitsDataModule())
+    shown = trainer.progress_bar_metrics
+    assert {"train/loss", "train/task_loss"} <= set(shown)
+    assert shown["train/loss"] > shown["train/task_loss"] > 0  # lam * C on top
 
 
 def test_train_accuracy_is_over_every_batch_of_the_epoch(tmp_path):

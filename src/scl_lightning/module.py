@@ -66,8 +66,8 @@ class SCLModule(pl.LightningModule):
     identically by construction. This module adds a classifier around it: backbone, task loss,
     accuracy metrics, default optimizer and schedule, and the objective's logs
     ``train/loss`` (``task + lam * C``, the value returned by ``training_step``; its gradient
-    is the task loss's, the penalty's is the engine's), ``train/task_loss``, ``train/penalty``
-    and ``train/connections``.
+    is the task loss's, the penalty's is the engine's), ``train/task_loss`` (both in the
+    progress bar), ``train/penalty`` and ``train/connections``.
 
     Args:
         backbone: an ``nn.Module``, or a model registry name (see
@@ -362,9 +362,12 @@ class SCLModule(pl.LightningModule):
                 loss = task_loss + term.to(task_loss.device, task_loss.dtype)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         # Lightning's `log` costs about as much as a small network's whole step, so values that
-        # only the loggers see are logged on the steps Lightning writes to them, no others
+        # only the loggers see are logged on the steps Lightning writes to them, no others.
+        # The task loss is also in the progress bar, next to the total (which alone hides how
+        # much of it is the penalty), as of the last logging step like `sparsity/global` (any
+        # other step would make a resumed run end with other callback_metrics).
         if logs:
-            self.log("train/task_loss", task_loss, batch_size=n)
+            self.log("train/task_loss", task_loss, prog_bar=True, batch_size=n)
             self.log("train/penalty", penalty, batch_size=n)
             self.log("train/connections", active, batch_size=n)
         return loss

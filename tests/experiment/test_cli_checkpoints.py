@@ -130,11 +130,16 @@ def test_validate_ckpt_path_last_evaluates_the_newest_run(workdir, capsys, caplo
     assert newest.name == "version_1"
     trained = _hashes(workdir / "runs")
     capsys.readouterr()
-    for sub in ("validate", "test", "validate"):
+    for version, sub in enumerate(("validate", "test", "validate"), start=2):
         caplog.clear()
         main([sub, "--config", RECIPE, "--config", CSV, *EVAL, "--ckpt_path=last"])  # exit 0
         used = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scl:")]
-        assert used == [f"scl: {sub} with {newest / 'checkpoints' / 'last.ckpt'}"]
+        # which checkpoint, and where the evaluation is logged (issue 15, item 7)
+        assert used == [
+            f"scl: {sub} with {newest / 'checkpoints' / 'last.ckpt'}",
+            f"scl: {sub} logs to runs/lightning_logs/version_{version} (a new run directory); "
+            "the run that trained the checkpoint is left as it was",
+        ]
     out = capsys.readouterr().out
     assert "val/acc" in out and "test/acc" in out
     # the checkpoint's weights and masks were loaded: validate reproduces the fit's last

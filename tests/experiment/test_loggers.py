@@ -120,6 +120,15 @@ def test_explicit_offline(no_credentials, tmp_path, offline):
     assert WandbLogger(save_dir=tmp_path, offline=offline)._offline is offline
 
 
+def test_wandb_is_not_asked_for_the_deprecated_anonymous_setting(no_credentials, tmp_path):
+    """Lightning passes ``anonymous=None`` to ``wandb.init`` when it is not asked for, and W&B
+    then prints "WARNING The anonymous setting has no effect" on every run: it is not passed
+    unless the user sets it."""
+    assert "anonymous" not in WandbLogger(save_dir=tmp_path, offline=True)._wandb_init
+    asked = WandbLogger(save_dir=tmp_path, offline=True, anonymous=True)
+    assert asked._wandb_init["anonymous"] == "allow"
+
+
 def test_automatic_offline_turns_log_model_off(tmp_path, monkeypatch):
     """Lightning refuses log_model with an offline run; when offline was decided for lack of
     credentials, the logger drops log_model instead of failing."""

@@ -105,7 +105,9 @@ def test_masked_model_same_counts_and_layers_restored():
 
 def test_masked_mlp_gives_dense_counts():
     model = sparsify(MLP())
-    assert count_flops(model, torch.randn(1, 64)) == FlopCounts(50_200, MLP_LAYERS)
+    counts = count_flops(model, torch.randn(1, 64))
+    assert (counts.total, counts.layers) == (50_200, MLP_LAYERS)
+    assert counts.modules == {"": 50_200, "flatten": 0, **MLP_LAYERS}
     assert all(isinstance(m, MaskedLayer) for m in (model.fc1, model.fc2, model.out))
 
 
@@ -203,6 +205,22 @@ def test_effective_on_mlp(fractions, expected_total):
         assert per_layer[name] == pytest.approx(dense * fractions.get(name, 1.0))
 
 
+def test_effective_module_hand_computed():
+    """A submodule's effective FLOPs: its dense FLOPs less the pruned share of the maskable
+    layers inside it (``"block.a"`` and ``"block.b"``, not ``"blocker"``); ``""`` is the total."""
+    counts = FlopCounts(
+        total=1000,
+        layers={"block.a": 400, "block.b": 300, "blocker": 100},
+        modules={"": 1000, "block": 750, "block.a": 400, "block.b": 300, "blocker": 100},
+    )
+    fractions = {"block.a": 0.25, "block.b": 0.5, "blocker": 0.0}
+    assert counts.effective_module("block", fractions) == 750 - 300 - 150
+    assert counts.effective_module("block.a", fractions) == 100
+    assert counts.effective_module("blocker", fractions) == 0
+    assert counts.effective_module("", fractions) == counts.effective(fractions)[0] == 450
+    assert counts.effective_module("nowhere", fractions) == 0
+
+
 def test_effective_ignores_unknown_names():
     counts = FlopCounts(total=10, layers={"a": 10})
     assert counts.effective({"zzz": 0.0}) == (10, {"a": 10.0})
@@ -271,5 +289,5 @@ def test_flop_counts_traces_one_sample_in_the_models_dtype():
 
     model = sparsify(MLP()).to(torch.bfloat16)
     counts = flop_counts(model, torch.randn(8, 64))
-    assert counts == FlopCounts(50_200, MLP_LAYERS)
+    assert (counts.total, counts.layers) == (50_200, MLP_LAYERS)
     assert flop_counts(model, torch.randn(4, 64)) is counts  # traced once per shape

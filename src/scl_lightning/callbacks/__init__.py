@@ -8,12 +8,16 @@ until 0.3.
 
 from scl_lightning._deprecation import deprecated_names
 from scl_lightning.callbacks.mask_grad_norm import MaskGradientNormalization
+from scl_lightning.callbacks.plain_progress_bar import PlainProgressBar
 from scl_lightning.callbacks.sparse_connectivity_learning import SparseConnectivityLearning
+from scl_lightning.callbacks.sparse_model_summary import SparseModelSummary
 from scl_lightning.callbacks.sparsity_monitor import SparsityMonitor
 
 __all__ = [
     "MaskGradientNormalization",
+    "PlainProgressBar",
     "SparseConnectivityLearning",
+    "SparseModelSummary",
     "SparsityMonitor",
 ]
 

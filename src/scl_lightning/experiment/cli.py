@@ -37,6 +37,13 @@ from scl_lightning.experiment.exact_resume import ExactResume
 from scl_lightning.experiment.non_finite import NonFiniteError, StopOnNonFinite
 from scl_lightning.experiment.rank_agreement import RankDivergenceError
 from scl_lightning.experiment.run_summary import RunSummary
+from scl_lightning.experiment.terminal import (
+    configured_callbacks,
+    evaluation_run_line,
+    quiet_evaluation_noise,
+    quiet_known_noise,
+    use_terminal_callbacks,
+)
 from scl_lightning.experiment.wandb_artifacts import WandbArtifacts
 from scl_lightning.module import SCLModule
 
@@ -691,8 +698,27 @@ class SCLCLI(LightningCLI):
                 category=UserWarning,
             )
 
+    def _before_evaluation(self) -> None:
+        """Say where the evaluation is logged (a run of its own: see
+        :func:`_resolve_checkpoint_to_evaluate`), and keep Lightning's warning about that new
+        directory out of the output."""
+        quiet_evaluation_noise()
+        line = evaluation_run_line(self.trainer, str(self.subcommand))  # every rank: collective
+        if line:
+            rank_zero_info(line)
+
+    def before_validate(self) -> None:
+        self._before_evaluation()
+
+    def before_test(self) -> None:
+        self._before_evaluation()
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # a copy: the Trainer gets that very list and appends its defaults to it
+        configured = configured_callbacks(self._get(self.config_init, "trainer", default={}))
         trainer = super().instantiate_trainer(**kwargs)
+        # SCL's model summary, and plain progress lines when the output is not a terminal
+        use_terminal_callbacks(trainer, configured)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             # atomic saves and weights_only loads; a user's own CheckpointIO plugin is kept
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
@@ -792,6 +818,7 @@ def main(args: list[str] | None = None) -> None:
 
         raise SystemExit(export_main(argv[1:]))
     try:
+        quiet_known_noise()
         _check_config_files(argv)
         SCLCLI(
             SCLModule,

@@ -152,6 +152,10 @@ class WandbLogger(_LightningWandbLogger):
             prefix=prefix,
             **kwargs,
         )
+        if self._wandb_init.get("anonymous") is None:
+            # Lightning passes `anonymous=None` when it is not asked for, which W&B (0.19+)
+            # answers on every run with "WARNING The anonymous setting has no effect"
+            self._wandb_init.pop("anonymous", None)
 
     @property
     @override

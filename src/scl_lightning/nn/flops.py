@@ -51,16 +51,31 @@ def dense_view(model: nn.Module) -> Iterator[nn.Module]:
 
 @dataclass(frozen=True)
 class FlopCounts:
-    """Dense FLOPs of one forward pass of one sample: the total and each maskable layer's."""
+    """Dense FLOPs of one forward pass of one sample: the total, each maskable layer's, and
+    (``modules``) every submodule's, by qualified name (``""`` is the whole model)."""
 
     total: int
     layers: dict[str, int] = field(default_factory=dict)
+    modules: dict[str, int] = field(default_factory=dict)
 
     def effective(self, active_fraction: Mapping[str, float]) -> tuple[int, dict[str, float]]:
         """Total and per-layer FLOPs when layer ``name`` keeps ``active_fraction[name]``."""
         per_layer = {n: f * active_fraction.get(n, 1.0) for n, f in self.layers.items()}
         total = self.total - sum(self.layers.values()) + sum(per_layer.values())
         return round(total), per_layer
+
+    def effective_module(self, name: str, active_fraction: Mapping[str, float]) -> int:
+        """Effective FLOPs of submodule ``name`` (``""``: the whole model, as
+        :meth:`effective`): its dense FLOPs, less what the pruned connections of the maskable
+        layers inside it would have cost."""
+        prefix = f"{name}." if name else ""
+        saved = sum(
+            flops * (1.0 - active_fraction.get(layer, 1.0))
+            for layer, flops in self.layers.items()
+            if layer == name or layer.startswith(prefix)
+        )
+        dense = self.total if not name else self.modules.get(name, 0)
+        return round(dense - saved)
 
 
 def example_from_batch(batch: Any) -> Tensor | None:
@@ -123,7 +138,8 @@ def count_flops(model: nn.Module, example_input: Tensor | tuple[Any, ...]) -> Fl
             module.training = mode
         fvcore_logger.setLevel(level)
     layers = {name: int(by_module.get(name, 0)) for name, _ in maskable_modules(model)}
-    return FlopCounts(total=total, layers=layers)
+    modules = {name: int(flops) for name, flops in by_module.items()}
+    return FlopCounts(total=total, layers=layers, modules=modules)
 
 
 def maskable_connectivity(model: nn.Module) -> dict[str, tuple[int, int]]:
