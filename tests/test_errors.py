@@ -178,10 +178,13 @@ MESSAGES: dict[str, list[str]] = {
         "To continue the run as it was, drop these overrides; to compare settings, start a new run "
         "instead (without --ckpt_path)",
     ],
-    "bad_test_fraction": ["test_fraction must be a number in [0, 1), got 1.5"],
+    "bad_test_fraction": [
+        "scl: error: DigitsDataModule: test_fraction must be a number in [0, 1), got 1.5"
+    ],
+    "bad_batch_size": ["DigitsDataModule: batch_size must be a positive integer, got 0"],
     "no_training_images": [
-        "val_fraction=0.5 and test_fraction=0.5 leave no training samples out of 1797 (899 "
-        "validation + 899 test); make their sum smaller"
+        "scl: error: DigitsDataModule: val_fraction=0.5 and test_fraction=0.5 leave no "
+        "training samples out of 1797 (899 validation + 899 test); make their sum smaller"
     ],
     "no_test_split": [
         "DigitsDataModule(test_fraction=0) has no test split: give test_fraction > 0 (e.g. "
@@ -280,6 +283,7 @@ def finished_run(workdir, capsys) -> Path:
         ("zero_epochs", ["--trainer.max_epochs=0"]),
         ("negative_epochs", ["--trainer.max_epochs=-2"]),
         ("bad_test_fraction", ["--data.init_args.test_fraction=1.5"]),
+        ("bad_batch_size", ["--data.init_args.batch_size=0"]),
         (
             "no_training_images",
             ["--data.init_args.val_fraction=0.5", "--data.init_args.test_fraction=0.5"],

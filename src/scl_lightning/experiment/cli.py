@@ -853,8 +853,36 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(1) from None
 
 
+#: jsonargparse's wrapper around an error a class raised while it was built from the config
+_UNION_WRAPPER = "Does not validate against any of the Union subtypes"
+_WRAPPED_CLASS = re.compile(r"class_path='([\w.]+)'")
+
+
+def _unwrap_union_error(text: str) -> str | None:
+    """The reason inside jsonargparse's "Does not validate against any of the Union subtypes"
+    (raised when a data module's or model's ``__init__`` refuses its arguments), named after
+    the class: ``DigitsDataModule: batch_size must be a positive integer, got 0``."""
+    if not text.startswith(_UNION_WRAPPER):
+        return None
+    reasons = [
+        line.strip()[2:].strip()
+        for line in text.split("Errors:", 1)[-1].splitlines()
+        if line.strip().startswith("- ")
+    ]
+    reasons = [r for r in reasons if r and not r.startswith(("Expected a <class", "Not a valid"))]
+    if not reasons:
+        return None
+    found = _WRAPPED_CLASS.search(text)
+    owner = f"{found.group(1).rpartition('.')[2]}: " if found else ""
+    return owner + reasons[0]
+
+
 def _one_line(err: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    text = str(err).strip()
+    unwrapped = _unwrap_union_error(text)
+    if unwrapped is not None:
+        text = unwrapped
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
     return text or type(err).__name__
 
 
