@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 
@@ -717,6 +718,43 @@ def test_resume_with_other_settings_warns_and_uses_them(finished_run, workdir, c
 def test_resume_with_the_same_settings_is_silent(finished_run, workdir, recwarn):
     main(["fit", *BASE, "--trainer.max_epochs=1", "--ckpt_path=last"])
     assert not [w for w in recwarn if "other than the run's" in str(w.message)]
+
+
+def test_resume_of_a_run_whose_config_lacks_a_setting_names_it(finished_run, workdir):
+    """A run saved by an older scl-lightning has no `test_fraction`: the new default would
+    change its data split, so the warning names the setting (it was silent)."""
+    config = finished_run / "config.yaml"
+    settings = yaml.safe_load(config.read_text())
+    del settings["data"]["init_args"]["test_fraction"]
+    stat = config.stat()
+    config.write_text(yaml.safe_dump(settings))
+    os.utime(config, (stat.st_atime, stat.st_mtime))  # as old as it was
+    with pytest.warns(UserWarning, match="other than the run's") as caught:
+        main(["fit", *BASE, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    (message,) = [str(w.message) for w in caught if "other than the run's" in str(w.message)]
+    assert "data.init_args.test_fraction (absent) -> 0.2" in message, message
+
+
+def test_resume_compares_with_the_config_the_checkpoint_was_trained_with(
+    finished_run, workdir, recwarn
+):
+    """A later config that saved no checkpoint (a failed resume attempt) is not the run's, nor
+    is a recipe named config.yaml next to a checkpoint outside any run directory."""
+    attempt = finished_run / "config.resume-1.yaml"
+    settings = yaml.safe_load((finished_run / "config.yaml").read_text())
+    settings["model"]["lam"] = 1.0
+    attempt.write_text(yaml.safe_dump(settings))
+    ckpt = finished_run / "checkpoints" / "last.ckpt"
+    os.utime(attempt, (ckpt.stat().st_mtime + 60,) * 2)
+    main(["fit", *BASE, "--trainer.max_epochs=1", "--ckpt_path=last"])
+    assert not [w for w in recwarn if "other than the run's" in str(w.message)]
+
+    shutil.copy(ckpt, workdir / "moved.ckpt")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(settings))  # a recipe, lam 1.0
+    with pytest.warns(UserWarning, match="other than the run's") as caught:
+        main(["fit", *BASE, "--model.lam=4e-5", "--ckpt_path=moved.ckpt"])
+    (message,) = [str(w.message) for w in caught if "other than the run's" in str(w.message)]
+    assert "the settings stored in moved.ckpt" in message and "2e-05 -> 4e-05" in message
 
 
 def test_resume_from_a_checkpoint_outside_its_run_compares_stored_settings(finished_run, workdir):

@@ -114,3 +114,18 @@ def test_disabled_writes_nothing(tmp_path, capsys):
 def test_every_n_seconds_is_checked(bad):
     with pytest.raises(ValueError, match=r"every_n_seconds must be a finite number >= 0"):
         PlainProgressBar(every_n_seconds=bad)
+
+
+def test_mid_epoch_lines_with_max_steps_count_the_epochs_batches(tmp_path, capsys, monkeypatch):
+    """With max_epochs=-1 and max_steps, Lightning's batch total shrinks to the steps left as
+    the run goes: the line keeps the epoch's own total (it read "batch 3/0")."""
+    clock = iter(range(0, 10_000, 7))
+    monkeypatch.setattr(
+        "scl_lightning.callbacks.plain_progress_bar.time.monotonic", lambda: next(clock)
+    )
+    bar = PlainProgressBar(every_n_seconds=10)
+    _trainer(tmp_path, bar, max_epochs=-1, max_steps=6).fit(Validated())
+    batches = [line.split(" | ")[2] for line in capsys.readouterr().out.splitlines()]
+    batches = [b for b in batches if b.startswith("batch ")]
+    # epoch 0: 4 batches; epoch 1 ends after the 2 steps left
+    assert batches == ["batch 2/4", "batch 4/4", "batch 2/2"], batches

@@ -1,6 +1,7 @@
 """The `scl` command, run in-process on the real recipes with a few batches."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,54 @@ def test_ckpt_path_last_with_a_fixed_version_resumes_it(workdir):
     main(["fit", "--config", RECIPE, "--config", CSV, *more, *fixed, "--ckpt_path", "last"])
     run = workdir / "runs" / "lightning_logs" / "version_7"
     assert _epochs_logged(run) == [0, 1]
+
+
+# jsonargparse's texts, as Lightning 2.6 / jsonargparse raise them (shortened Namespaces)
+_LOGGER_LIST_FAILS = """Does not validate against any of the Union subtypes
+Subtypes: [<class 'lightning.pytorch.loggers.logger.Logger'>, <class 'bool'>, <class 'NoneType'>]
+Errors:
+  - Not a valid subclass of Logger. Got value: [Namespace(class_path='x.CSVLogger'), ...]
+    Subclass types expect one of:
+    - a class path (str)
+    - a dict with class_path entry
+  - [Errno 2] No such file or directory: '/proc/x'
+  - Expected a <class 'bool'>
+  - Expected a <class 'NoneType'>
+Given value type: <class 'list'>
+Given value: [<x.CSVLogger object at 0x7f>, Namespace(class_path='x.WandbLogger')]"""
+_DATA_MODULE_REFUSES = """Does not validate against any of the Union subtypes
+Subtypes: [<class 'lightning.pytorch.core.datamodule.LightningDataModule'>, <class 'NoneType'>]
+Errors:
+  - batch_size must be a positive integer, got 0
+  - Expected a <class 'NoneType'>
+Given value type: <class 'jsonargparse._namespace.Namespace'>
+Given value: Namespace(class_path='scl_lightning.data.DigitsDataModule', init_args=...)"""
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        (_DATA_MODULE_REFUSES, "DigitsDataModule: batch_size must be a positive integer, got 0"),
+        # a list of loggers where the second fails: its reason, no class named (the first
+        # class_path of the text is the logger that worked), no "Subclass types" bullet
+        (_LOGGER_LIST_FAILS, "[Errno 2] No such file or directory: '/proc/x'"),
+    ],
+)
+def test_a_classs_own_error_is_unwrapped_from_jsonargparse(text, line):
+    from scl_lightning.experiment.cli import _one_line
+
+    assert _one_line(ValueError(text)) == line
+
+
+def test_ddp_spawn_skips_the_test_after_fit_and_says_so(workdir, caplog):
+    """A strategy that starts its own processes would test in new ones, apart from the fit's
+    summary and run directory (it failed on the existing config.yaml): no test, one line."""
+    caplog.set_level(logging.INFO)
+    spawn = ["--trainer.strategy=ddp_spawn", "--trainer.devices=1", "--trainer.accelerator=cpu"]
+    main(["fit", "--config", RECIPE, "--config", CSV, *FAST, *spawn])
+    assert any(
+        "scl: no test after fit with a strategy that starts its own processes" in r.getMessage()
+        for r in caplog.records
+    )
+    _, summary = _summary(workdir)
+    assert "test_acc" not in summary

@@ -81,6 +81,7 @@ class PlainProgressBar(ProgressBar):
         self._enabled = True
         self._fit_start = 0.0
         self._epoch_start = 0.0
+        self._epoch_total: int | float | None = None
         self._last_line = 0.0
         self._loop_start = 0.0
         self._batches = 0
@@ -131,6 +132,8 @@ class PlainProgressBar(ProgressBar):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = self._last_line = time.monotonic()
+        # read now: with max_steps, Lightning's count shrinks to the steps left as the run goes
+        self._epoch_total = self.total_train_batches
 
     @override
     def on_train_batch_end(
@@ -147,8 +150,8 @@ class PlainProgressBar(ProgressBar):
         if now - self._last_line < self.every_n_seconds:
             return
         self._last_line = now
-        total = self.total_train_batches
-        of = f"/{total}" if isinstance(total, int) else ""
+        total = self._epoch_total
+        of = f"/{total}" if isinstance(total, int) and total > 0 else ""
         self.print(
             f"{self._epoch(trainer)} | step {trainer.global_step} | batch {batch_idx + 1}{of} | "
             f"{_seconds(now - self._epoch_start)} | {self._metrics(trainer, pl_module)}"

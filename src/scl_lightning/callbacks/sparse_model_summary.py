@@ -263,10 +263,16 @@ class SparseModelSummary(ModelSummary):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._max_depth:
             return
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
         from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy
 
-        if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
-            super().on_fit_start(trainer, pl_module)  # sharded parameters: Lightning's summary
+        sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)) or (
+            isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3
+        )
+        if sharded:
+            # a forward on rank zero alone would wait for the other ranks' shards: Lightning's
+            # summary, which needs no forward
+            super().on_fit_start(trainer, pl_module)
             return
         if trainer.is_global_zero:  # traced and counted on rank zero only: it prints
             summary = SparseSummary(pl_module, self._max_depth, example_input=self.example_input)

@@ -27,6 +27,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -432,11 +433,12 @@ def _check_accelerator(trainer_config: Any, argv: list[str]) -> None:
     )
 
 
-def _output_directories(trainer_config: Any) -> list[Path]:
+def _output_directories(trainer_config: Any, writes_checkpoints: bool = True) -> list[Path]:
     """The directories a run writes into, as configured and made absolute: every logger's
     ``save_dir`` (W&B's ``dir`` too), each fixed checkpoint ``dirpath``, and
     ``default_root_dir`` when it is set or nothing else is (Lightning's default logger and
-    checkpoints then write there)."""
+    checkpoints then write there; for an evaluation, which saves no checkpoint, only when it
+    logs)."""
     found: list[Path] = []
     for logger in _logger_configs(trainer_config):
         init_args = logger.get("init_args") if hasattr(logger, "get") else None
@@ -447,18 +449,22 @@ def _output_directories(trainer_config: Any) -> list[Path]:
             if value:
                 found.append(Path(str(value)))
     found += _checkpoint_dirpaths(trainer_config)[0]
-    if trainer_config.get("default_root_dir") or not found:
+    logger = trainer_config.get("logger")
+    writes_logs = logger is None or logger is True or bool(_logger_configs(trainer_config))
+    if (writes_checkpoints or writes_logs) and (
+        trainer_config.get("default_root_dir") or not found
+    ):
         found.append(Path(trainer_config.get("default_root_dir") or "."))
     # remote storage (s3://..., which Path turns into s3:/...) is not checked
     local = [path for path in found if not (path.parts and path.parts[0].endswith(":"))]
     return list(dict.fromkeys(path.absolute() for path in local))
 
 
-def _check_writable(trainer_config: Any) -> None:
+def _check_writable(trainer_config: Any, writes_checkpoints: bool = True) -> None:
     """Each output directory (or, where it does not exist yet, the nearest existing directory
     above it, where it will be created) must be writable, checked before any logger creates
     or writes a file. Reads only; a directory given as an existing file is refused too."""
-    for directory in _output_directories(trainer_config):
+    for directory in _output_directories(trainer_config, writes_checkpoints):
         existing = directory
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
@@ -482,17 +488,24 @@ _NOT_COMPARED_ON_RESUME = ("ckpt_path", "trainer.logger", "config", "test_after_
 
 
 def _run_config_file(checkpoint: Path) -> Path | None:
-    """The config the run of ``checkpoint`` last ran with: the newest of ``config.yaml`` and
-    ``config.resume-N.yaml`` in its run directory (``<run>/checkpoints/x.ckpt`` or
-    ``<run>/x.ckpt``)."""
+    """The config the run of ``checkpoint`` ran with when it saved it: the newest of
+    ``config.yaml`` and ``config.resume-N.yaml`` no newer than the checkpoint, in its run
+    directory (``<run>/checkpoints/x.ckpt`` or ``<run>/x.ckpt``; a run directory holds
+    ``hparams.yaml`` or ``metrics.csv``)."""
+    checkpoint = checkpoint.absolute()
+    saved = checkpoint.stat().st_mtime
     for directory in (checkpoint.parent.parent, checkpoint.parent):
+        if not any((directory / marker).exists() for marker in ("hparams.yaml", "metrics.csv")):
+            continue  # not a run directory (a recipe named config.yaml, say)
         found = [
             path
             for path in directory.glob("config*.yaml")
             if path.name == "config.yaml" or path.name.startswith("config.resume")
         ]
-        if found:
-            return max(found, key=lambda path: path.stat().st_mtime)
+        # the config of an attempt that saved no checkpoint after it was never trained
+        trained = [path for path in found if path.stat().st_mtime <= saved]
+        if trained:
+            return max(trained, key=lambda path: path.stat().st_mtime)
     return None
 
 
@@ -513,23 +526,38 @@ def _checkpoint_settings(checkpoint: Path) -> dict[str, Any]:
     return yaml.safe_load(yaml.safe_dump(flat))  # tuples as lists, as in the config
 
 
+#: how a setting the run's config does not have is shown
+ABSENT = "(absent)"
+
+
 def settings_changed_on_resume(
-    before: Mapping[str, Any], now: Mapping[str, Any]
+    before: Mapping[str, Any], now: Mapping[str, Any], *, complete: bool = False
 ) -> list[tuple[str, Any, Any]]:
     """``(key, value in the run, value now)`` for every dotted key both flat configs hold and
     whose values differ, but for the keys that only say where the run is recorded or what is
-    done after training (``test_after_fit``)."""
+    done after training (``test_after_fit``).
+
+    With ``complete`` (``before`` is the run's whole config), a setting only one side has is a
+    change too, shown as :data:`ABSENT` on the other: a newer scl-lightning's new argument
+    (its default may change what the resumed run does), or one the run had and this config
+    lacks. Otherwise (``before`` is what a checkpoint stores: model and data settings only)
+    only common keys are compared."""
+    keys = (before.keys() | now.keys()) if complete else (before.keys() & now.keys())
     changes = []
-    for key in sorted(before.keys() & now.keys()):
+    for key in sorted(keys):
         if any(key == skip or key.startswith(f"{skip}.") for skip in _NOT_COMPARED_ON_RESUME):
             continue
-        if before[key] != now[key]:
-            changes.append((key, before[key], now[key]))
+        old, new = before.get(key, ABSENT), now.get(key, ABSENT)
+        if key not in before or key not in now or old != new:
+            changes.append((key, old, new))
     return changes
 
 
 def _describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 8) -> str:
-    shown = [f"{key} {old!r} -> {new!r}" for key, old, new in changes[:limit]]
+    def show(value: Any) -> str:
+        return value if value is ABSENT else repr(value)
+
+    shown = [f"{key} {show(old)} -> {show(new)}" for key, old, new in changes[:limit]]
     more = f" and {len(changes) - limit} more" if len(changes) > limit else ""
     return ", ".join(shown) + more
 
@@ -604,6 +632,7 @@ class SCLCLI(LightningCLI):
         self.argv: list[str] = (
             [str(arg) for arg in given] if isinstance(given, list) else sys.argv[1:]
         )
+        self._test_after_fit = False
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -641,7 +670,7 @@ class SCLCLI(LightningCLI):
         if self.subcommand is not None:
             trainer_config = self.config[self.subcommand].trainer
             _check_accelerator(trainer_config, self.argv)
-            _check_writable(trainer_config)
+            _check_writable(trainer_config, writes_checkpoints=self.subcommand == "fit")
         if self.subcommand in _EVALUATE:
             _resolve_checkpoint_to_evaluate(self.config[self.subcommand], self.subcommand)
         if self.subcommand == "fit":
@@ -688,7 +717,7 @@ class SCLCLI(LightningCLI):
         else:
             before = _checkpoint_settings(checkpoint)
             source, saved = f"the settings stored in {checkpoint}", ""
-        changes = settings_changed_on_resume(before, now)
+        changes = settings_changed_on_resume(before, now, complete=reference is not None)
         if changes:
             rank_zero_warn(
                 f"scl: resuming {checkpoint} with {len(changes)} setting(s) other than the run's "
@@ -723,8 +752,10 @@ class SCLCLI(LightningCLI):
             # atomic saves and weights_only loads; a user's own CheckpointIO plugin is kept
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        #: whether fit ends with a test on the held-out split (see after_fit)
+        self._test_after_fit = self.subcommand == "fit" and self._tests_after_fit(trainer)
         if self.subcommand == "fit" and not any(isinstance(c, RunSummary) for c in callbacks):
-            callbacks.append(RunSummary(table_after_test=self._tests_after_fit()))
+            callbacks.append(RunSummary(table_after_test=self._test_after_fit))
         if self.subcommand == "fit" and not any(isinstance(c, ExactResume) for c in callbacks):
             callbacks.append(ExactResume())
         if self.subcommand == "fit" and not any(isinstance(c, StopOnNonFinite) for c in callbacks):
@@ -737,10 +768,23 @@ class SCLCLI(LightningCLI):
             callbacks.append(WandbArtifacts())
         return trainer
 
-    def _tests_after_fit(self) -> bool:
-        return bool(self.config["fit"].get("test_after_fit")) and (
-            getattr(self.datamodule, "held_out_test", False) is True
-        )
+    def _tests_after_fit(self, trainer: pl.Trainer) -> bool:
+        """Whether ``fit`` ends with a test on the held-out split. Not where the Trainer starts
+        its processes itself (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``): a test would run
+        in new processes, apart from the fit's ``RunSummary`` and run directory (use the
+        ``ddp`` strategy, or ``scl test`` on the last checkpoint)."""
+        if not self.config["fit"].get("test_after_fit"):
+            return False
+        if getattr(self.datamodule, "held_out_test", False) is not True:
+            return False
+        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            rank_zero_info(
+                "scl: no test after fit with a strategy that starts its own processes "
+                f"({type(trainer.strategy).__name__}); use the ddp strategy, or run scl test on "
+                "the last checkpoint"
+            )
+            return False
+        return True
 
     def after_fit(self) -> None:
         """``--test_after_fit`` (default): test the final model once on the held-out test split,
@@ -748,7 +792,7 @@ class SCLCLI(LightningCLI):
         :class:`RunSummary` adds them to ``summary.json``. Runs on every process (under DDP too,
         as Lightning expects); saves no checkpoint. Not after an interrupted fit."""
         trainer = self.trainer
-        if not self._tests_after_fit() or trainer.interrupted or trainer.received_sigterm:
+        if not self._test_after_fit or trainer.interrupted or trainer.received_sigterm:
             return
         # the weights in memory (ckpt_path=None), not the best or last checkpoint
         trainer.test(self.model, datamodule=self.datamodule, ckpt_path=None, verbose=False)
@@ -855,25 +899,24 @@ def main(args: list[str] | None = None) -> None:
 
 #: jsonargparse's wrapper around an error a class raised while it was built from the config
 _UNION_WRAPPER = "Does not validate against any of the Union subtypes"
-_WRAPPED_CLASS = re.compile(r"class_path='([\w.]+)'")
+_TOP_BULLET = re.compile(r"^  - (.+)$")  # the reasons; deeper bullets explain a reason
+_GIVEN_CLASS = re.compile(r"^Given value: Namespace\(class_path='([\w.]+)'")
 
 
 def _unwrap_union_error(text: str) -> str | None:
     """The reason inside jsonargparse's "Does not validate against any of the Union subtypes"
     (raised when a data module's or model's ``__init__`` refuses its arguments), named after
-    the class: ``DigitsDataModule: batch_size must be a positive integer, got 0``."""
-    if not text.startswith(_UNION_WRAPPER):
+    the class: ``DigitsDataModule: batch_size must be a positive integer, got 0``. ``None``
+    when the text is not that wrapper or holds no reason of its own (then it is kept whole)."""
+    if not text.startswith(_UNION_WRAPPER) or "Errors:" not in text:
         return None
-    reasons = [
-        line.strip()[2:].strip()
-        for line in text.split("Errors:", 1)[-1].splitlines()
-        if line.strip().startswith("- ")
-    ]
-    reasons = [r for r in reasons if r and not r.startswith(("Expected a <class", "Not a valid"))]
+    lines = text.split("Errors:", 1)[1].splitlines()
+    reasons = [m.group(1).strip() for m in map(_TOP_BULLET.match, lines) if m]
+    reasons = [r for r in reasons if not r.startswith(("Expected a <class", "Not a valid"))]
     if not reasons:
         return None
-    found = _WRAPPED_CLASS.search(text)
-    owner = f"{found.group(1).rpartition('.')[2]}: " if found else ""
+    given = next((m for m in map(_GIVEN_CLASS.match, lines) if m), None)
+    owner = f"{given.group(1).rpartition('.')[2]}: " if given else ""
     return owner + reasons[0]
 
 
