@@ -352,3 +352,22 @@ def test_ddp_spawn_skips_the_test_after_fit_and_says_so(workdir, caplog):
     )
     _, summary = _summary(workdir)
     assert "test_acc" not in summary
+
+
+def test_output_directories_checked_before_a_run(tmp_path):
+    """What the writability check reads: every logger's save_dir, a fixed checkpoint dirpath,
+    default_root_dir when nothing else is given; an evaluation without loggers writes nothing;
+    remote storage is not checked."""
+    from scl_lightning.experiment.cli import _output_directories
+
+    csv = {"class_path": "scl_lightning.experiment.loggers.CSVLogger"}
+    ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}
+    assert _output_directories(
+        {"logger": [{**csv, "init_args": {"save_dir": str(tmp_path / "a")}}], "callbacks": []}
+    ) == [tmp_path / "a"]
+    fixed = {**ckpt, "init_args": {"dirpath": str(tmp_path / "c")}}
+    assert _output_directories({"logger": False, "callbacks": [fixed]}) == [tmp_path / "c"]
+    assert _output_directories({"logger": False, "callbacks": []}) == [Path.cwd()]
+    assert _output_directories({"logger": False, "callbacks": []}, writes_checkpoints=False) == []
+    remote = {**csv, "init_args": {"save_dir": "s3://bucket/runs"}}
+    assert _output_directories({"logger": [remote], "callbacks": []}) == []
