@@ -271,7 +271,7 @@ class SparseModelSummary(ModelSummary):
         )
         if sharded:
             # a forward on rank zero alone would wait for the other ranks' shards: Lightning's
-            # summary, which needs no forward
+            # summary, which every rank builds (its forward, if any, is collective)
             super().on_fit_start(trainer, pl_module)
             return
         if trainer.is_global_zero:  # traced and counted on rank zero only: it prints

@@ -343,31 +343,36 @@ def _check_config_files(argv: list[str]) -> None:
     (several ``--config`` are common; jsonargparse names none of them). A missing file is left
     to jsonargparse, which says so."""
     for name in _config_paths(argv):
-        path = Path(name)
-        if not path.is_file():
-            continue
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ValueError(
-                f"config file {path} is not valid YAML{where}: {problem}; fix it or drop "
-                "that --config"
-            ) from None
-        except UnicodeDecodeError:
-            raise ValueError(f"config file {path} is not a text file") from None
-        if data is None:
-            raise ValueError(
-                f"config file {path} is empty: put settings in it (trainer:, model:, data: ...) "
-                "or drop that --config"
-            )
-        if not isinstance(data, dict):
-            raise ValueError(
-                f"config file {path} holds a {type(data).__name__}, not a mapping of settings "
-                "(trainer:, model:, data: ...)"
-            )
+        _read_config_file(Path(name))
+
+
+def _read_config_file(path: Path) -> dict[str, Any] | None:
+    """A ``--config`` file's settings (``None``: no such file, left to jsonargparse), or one
+    line naming the file (:func:`_check_config_files`)."""
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(
+            f"config file {path} is not valid YAML{where}: {problem}; fix it or drop that --config"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not a text file") from None
+    if data is None:
+        raise ValueError(
+            f"config file {path} is empty: put settings in it (trainer:, model:, data: ...) "
+            "or drop that --config"
+        )
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"config file {path} holds a {type(data).__name__}, not a mapping of settings "
+            "(trainer:, model:, data: ...)"
+        )
+    return data
 
 
 def _check_epochs(trainer_config: Any) -> None:
@@ -401,14 +406,10 @@ def _setting_source(argv: list[str], key: str) -> str:
         return flag
     section, _, name = key.partition(".")
     source = ""
-    for path in _config_paths(argv):
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get(section), dict):
-            if name in data[section]:
-                source = path
+    for path in _config_paths(argv):  # read already by _check_config_files: they parse
+        data = _read_config_file(Path(path)) or {}
+        if isinstance(data.get(section), dict) and name in data[section]:
+            source = path
     return f"{flag} (set in {source})" if source else flag
 
 
@@ -699,9 +700,9 @@ class SCLCLI(LightningCLI):
         """Resuming with settings other than the run's (another ``lam``, more epochs, another
         learning rate) is allowed, as it is the way to extend a run or to recover from a NaN, and
         the new values are used; one warning names every setting that differs, with both values.
-        The run's own settings are its newest ``config.yaml``/``config.resume-N.yaml``; a
-        checkpoint found outside a run directory is compared by the model and data settings it
-        stores."""
+        The run's own settings are the config it saved that checkpoint with
+        (:func:`_run_config_file`); a checkpoint found outside a run directory is compared by
+        the model and data settings it stores."""
         config = self.config["fit"]
         resume = config.get("ckpt_path")
         if not resume or "://" in str(resume) or str(resume) in _SPECIAL_CKPT_PATHS[1:]:

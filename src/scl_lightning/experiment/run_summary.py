@@ -16,6 +16,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from scl_lightning._utils import next_free_path
+from scl_lightning.deploy.export import atomic_file
 from scl_lightning.nn.flops import example_from_batch, flop_counts
 from scl_lightning.nn.stats import connectivity
 
@@ -262,9 +263,8 @@ class RunSummary(Callback):
 
     def _write(self) -> None:
         assert self.path is not None
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.summary, indent=2) + "\n")
-        tmp.replace(self.path)
+        with atomic_file(self.path, overwrite=True, who="RunSummary") as tmp:
+            tmp.write_text(json.dumps(self.summary, indent=2) + "\n")
 
     def _print(self) -> None:
         print(f"\n{format_summary(self.summary or {})}\n\nsummary written to {self.path}")
