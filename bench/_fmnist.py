@@ -237,7 +237,7 @@ def _magnitude_agreement(module: Any, on: dict[str, Any]) -> float:
     from scl_lightning.nn.sparsify import masked_modules
 
     layers = dict(masked_modules(module))
-    scores = torch.cat([layers[k].weight.detach().abs().reshape(-1) for k in on])
+    scores = torch.cat([layers[k].raw_weight.detach().abs().reshape(-1) for k in on])
     kept = torch.cat([on[k].reshape(-1) for k in on])
     k = int(kept.sum())
     if k == 0:
@@ -283,7 +283,7 @@ def _measured_network(module: Any, method: str) -> Any:
     net = sparsify(copy.deepcopy(net))
     with torch.no_grad():
         for _, layer in masked_modules(net):
-            layer.mask.copy_(torch.where(layer.weight != 0, 1.0, -1.0))
+            layer.mask.copy_(torch.where(layer.raw_weight != 0, 1.0, -1.0))
     return net
 
 

@@ -49,7 +49,7 @@ def test_drop_mask_grads():
     net(torch.randn(2, 4)).sum().backward()
     drop_mask_grads(mask_parameters(net))
     assert all(m.grad is None for m in mask_parameters(net))
-    assert net[0].weight.grad is not None
+    assert net[0].raw_weight.grad is not None
 
 
 # -- attach_mask_group ---------------------------------------------------------------------------
@@ -104,9 +104,9 @@ def test_attach_mask_group_from_several_groups():
     first, second = net[0], net[2]
     optimizer = torch.optim.SGD(
         [
-            {"params": [first.weight, first.bias, first.mask], "lr": 0.2, "momentum": 0.5},
+            {"params": [first.raw_weight, first.bias, first.mask], "lr": 0.2, "momentum": 0.5},
             {"params": [second.mask]},  # a group of masks only stays, emptied
-            {"params": [second.weight, second.bias], "momentum": 0.7},
+            {"params": [second.raw_weight, second.bias], "momentum": 0.7},
         ],
         lr=WEIGHT_LR,
     )

@@ -104,7 +104,7 @@ def test_weight_grads_are_left_alone(tmp_path):
             self.grads = []
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            self.grads.append(pl_module.net[1].weight.grad.clone())
+            self.grads.append(pl_module.net[1].raw_weight.grad.clone())
 
     model = _sparse_model()
     before, after = WeightGradCapture(), WeightGradCapture()

@@ -67,7 +67,7 @@ def _dense_forward(layer, x, weight):
 @pytest.mark.parametrize(("name", "factory", "shape"), LAYERS, ids=[c[0] for c in LAYERS])
 def test_channel_mask_has_one_entry_per_output_unit(name, factory, shape):
     layer = factory(granularity="channel")
-    w = layer.weight
+    w = layer.raw_weight
     assert layer.mask.shape == (w.shape[0],) + (1,) * (w.dim() - 1)
     assert layer.mask.dtype == DT and torch.all(layer.mask == 1.0)
     assert layer.per_mask == w[0].numel() and layer.connections == w.numel()
@@ -78,7 +78,7 @@ def test_channel_mask_has_one_entry_per_output_unit(name, factory, shape):
 @pytest.mark.parametrize(("name", "factory", "shape"), LAYERS, ids=[c[0] for c in LAYERS])
 def test_weight_granularity_is_the_default(name, factory, shape):
     layer = factory()
-    assert layer.granularity == "weight" and layer.mask.shape == layer.weight.shape
+    assert layer.granularity == "weight" and layer.mask.shape == layer.raw_weight.shape
     assert layer.per_mask == 1 and "granularity" not in repr(layer)
 
 
@@ -117,7 +117,7 @@ def test_forward_and_gradients_are_those_of_the_broadcast_mask(name, factory, sh
     assert 0 < int((layer.mask > 0).sum()) < layer.mask.numel()  # some units on, some off
     x = torch.randn(shape, dtype=DT)
     out = layer(x)
-    w = layer.weight.detach().clone().requires_grad_(True)
+    w = layer.raw_weight.detach().clone().requires_grad_(True)
     m = layer.mask.detach().clone().requires_grad_(True)
     ref = _dense_forward(layer, x, w * heaviside(m, get_ste(ste)))
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
@@ -131,7 +131,7 @@ def test_forward_and_gradients_are_those_of_the_broadcast_mask(name, factory, sh
     ref.backward(g)
     assert layer.mask.grad.shape == layer.mask.shape
     torch.testing.assert_close(layer.mask.grad, m.grad)
-    torch.testing.assert_close(layer.weight.grad, w.grad)
+    torch.testing.assert_close(layer.raw_weight.grad, w.grad)
 
 
 @pytest.mark.parametrize("ste", STES)
@@ -152,7 +152,7 @@ def test_active_count_is_connections_and_its_gradient_fan_in_times_the_proxy(
     layer(torch.randn(shape, dtype=DT))
     assert layer.forward_count().item() == units_on * fan_in
     hard = layer.hard_mask()
-    assert hard.shape == layer.weight.shape and hard.sum().item() == units_on * fan_in
+    assert hard.shape == layer.raw_weight.shape and hard.sum().item() == units_on * fan_in
     assert torch.equal(hard, (layer.mask.detach() > 0).to(hard.dtype).expand_as(hard))
 
 
@@ -238,8 +238,8 @@ def test_export_pruned_zeroes_whole_rows_and_loads_into_the_dense_model():
     state = plain.state_dict()
     assert not any(k.endswith(".mask") for k in state)
     w0, w3 = state["0.weight"], state["3.weight"]
-    assert torch.all(w0[[0, 2]] == 0) and torch.all(w0[[1, 3]] == net[0].weight[[1, 3]])
-    assert torch.all(w3[4] == 0) and torch.all(w3[:4] == net[3].weight[:4])
+    assert torch.all(w0[[0, 2]] == 0) and torch.all(w0[[1, 3]] == net[0].raw_weight[[1, 3]])
+    assert torch.all(w3[4] == 0) and torch.all(w3[:4] == net[3].raw_weight[:4])
     dense.load_state_dict(state, strict=True)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(dense(x), net(x))

@@ -104,7 +104,7 @@ def _dense_forward(layer, fn, x, weight):
 
 def _randomize(layer, gen):
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen, dtype=DT))
+        layer.raw_weight.copy_(torch.randn(layer.raw_weight.shape, generator=gen, dtype=DT))
         # Mixed signs, with several values beyond |1| (where hardtanh's proxy is 0).
         layer.mask.copy_(2.0 * torch.randn(layer.mask.shape, generator=gen, dtype=DT))
         if layer.bias is not None:
@@ -121,7 +121,7 @@ def test_mask_and_weight_gradients_match_formula(
     layer = cls(**kwargs, dtype=DT, ste=est)
     _randomize(layer, gen)
     m = layer.mask.detach().clone()
-    w = layer.weight.detach().clone()
+    w = layer.raw_weight.detach().clone()
     h = (m > 0).to(DT)
     assert 0 < h.sum() < h.numel(), "test needs a mask with mixed signs"
 
@@ -137,11 +137,11 @@ def test_mask_and_weight_gradients_match_formula(
     g_eff = w_eff.grad
 
     torch.testing.assert_close(out.detach(), ref_out.detach())
-    torch.testing.assert_close(layer.weight.grad, g_eff * h)
+    torch.testing.assert_close(layer.raw_weight.grad, g_eff * h)
     torch.testing.assert_close(layer.mask.grad, (g_eff * w) * est.proxy(m))
     # Pruned weights get exactly zero gradient; the mask of a pruned connection still moves
     # (except where the hardtanh proxy vanishes).
-    assert (layer.weight.grad[h == 0] == 0).all()
+    assert (layer.raw_weight.grad[h == 0] == 0).all()
     if ste_name != "hardtanh":
         assert (layer.mask.grad[(h == 0) & (g_eff * w != 0)] != 0).all()
 
@@ -181,14 +181,14 @@ def test_mask_shape_dtype_and_effective_weight(case, cls, kwargs, fn, x_shape):
     layer = cls(**kwargs)
     assert isinstance(layer, MaskedLayer) and isinstance(layer, cls.dense_cls)
     assert isinstance(layer.mask, nn.Parameter) and layer.mask.requires_grad
-    assert layer.mask.shape == layer.weight.shape
-    assert layer.mask.dtype == layer.weight.dtype
+    assert layer.mask.shape == layer.raw_weight.shape
+    assert layer.mask.dtype == layer.raw_weight.dtype
     with torch.no_grad():
         layer.mask.view(-1)[::2] = -1.0
-    h = (layer.mask > 0).to(layer.weight.dtype)
+    h = (layer.mask > 0).to(layer.raw_weight.dtype)
     assert torch.equal(layer.hard_mask(), h)
     assert not layer.hard_mask().requires_grad
-    assert torch.equal(layer.effective_weight().detach(), layer.weight.detach() * h)
+    assert torch.equal(layer.effective_weight().detach(), layer.raw_weight.detach() * h)
 
 
 def test_all_negative_mask_gives_bias_only():
@@ -202,7 +202,7 @@ def test_all_negative_mask_gives_bias_only():
 def test_mask_exactly_zero_prunes():
     layer = MaskedLinear(2, 1, bias=False)
     with torch.no_grad():
-        layer.weight.fill_(1.0)
+        layer.raw_weight.fill_(1.0)
         layer.mask.copy_(torch.tensor([[0.0, 1.0]]))
     assert layer(torch.tensor([[10.0, 3.0]])).item() == 3.0
 
@@ -224,8 +224,8 @@ def test_from_dense_keeps_identity_values_device_dtype(dense_cls, masked_cls, ar
     out = masked_cls.from_dense(dense, mask_init=0.5, ste="leaky_relu")
     assert out is dense
     assert type(out) is masked_cls
-    assert out.weight is weight and out.bias is bias
-    assert torch.equal(out.weight, w_before) and torch.equal(out.bias, b_before)
+    assert out.raw_weight is weight and out.bias is bias
+    assert torch.equal(out.raw_weight, w_before) and torch.equal(out.bias, b_before)
     # the mask takes the weight's dtype, never below float32 (bfloat16 steps stall near 1.0)
     assert out.mask.dtype == torch.promote_types(dtype, torch.float32)
     assert out.mask.device == weight.device
@@ -311,7 +311,7 @@ def test_state_dict_roundtrip_restores_mask():
         a.mask.uniform_(-1, 1)
     b = MaskedConv2d(2, 3, 3)
     b.load_state_dict(a.state_dict(), strict=True)
-    assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.raw_weight, b.raw_weight)
     x = torch.randn(1, 2, 5, 5)
     assert torch.equal(a(x), b(x))
 
@@ -349,7 +349,7 @@ def test_pickle_deepcopy_and_torch_save(idx):
 def test_deepcopy_gradients_still_use_ste():
     layer = MaskedLinear(2, 1, bias=False, ste=LeakyReLUSTE(0.25))
     with torch.no_grad():
-        layer.weight.fill_(2.0)
+        layer.raw_weight.fill_(2.0)
         layer.mask.copy_(torch.tensor([[-1.0, 1.0]]))
     clone = copy.deepcopy(layer)
     clone(torch.ones(1, 2)).sum().backward()
@@ -380,6 +380,6 @@ def test_no_grad_forward_and_frozen_weight():
     with torch.no_grad():
         out = layer(torch.randn(1, 3))
     assert not out.requires_grad
-    layer.weight.requires_grad_(False)
+    layer.raw_weight.requires_grad_(False)
     layer(torch.randn(1, 3)).sum().backward()
-    assert layer.weight.grad is None and layer.mask.grad is not None
+    assert layer.raw_weight.grad is None and layer.mask.grad is not None

@@ -111,7 +111,7 @@ def test_sparsify_converts_exactly_the_maskable_layers():
     assert mask_names == {f"{n}.mask" for n in ZOO_MASKABLE}
     # Biases never masked: exactly one mask per weight.
     for name, module in masked_modules(model):
-        assert module.mask.shape == module.weight.shape, name
+        assert module.mask.shape == module.raw_weight.shape, name
     assert not any("bias" in n and "mask" in n for n in model.state_dict())
 
 
@@ -298,7 +298,7 @@ def test_ste_passed_to_every_layer(ste, ste_kwargs, expected):
     out.sum().backward()
     g_eff = torch.ones(4, 8).T @ x  # d(sum(x W^T))/dW
     torch.testing.assert_close(
-        layer.mask.grad, g_eff * layer.weight.detach() * expected.proxy(layer.mask.detach())
+        layer.mask.grad, g_eff * layer.raw_weight.detach() * expected.proxy(layer.mask.detach())
     )
 
 
@@ -383,7 +383,7 @@ def test_export_pruned_roundtrip(factory, x_shape):
     fractions = [(layer.mask > 0).float().mean().item() for _, layer in masked_modules(model)]
     assert all(0.2 < f < 0.8 for f in fractions)
     masks_before = {n: layer.mask.detach().clone() for n, layer in masked_modules(model)}
-    weights_before = {n: layer.weight.detach().clone() for n, layer in masked_modules(model)}
+    weights_before = {n: layer.raw_weight.detach().clone() for n, layer in masked_modules(model)}
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
 
     plain = export_pruned(model)
@@ -407,7 +407,7 @@ def test_export_pruned_roundtrip(factory, x_shape):
     assert [n for n, _ in masked_modules(model)] == list(masks_before)
     for name, layer in masked_modules(model):
         assert torch.equal(layer.mask, masks_before[name])
-        assert torch.equal(layer.weight, weights_before[name])
+        assert torch.equal(layer.raw_weight, weights_before[name])
     for k, v in model.state_dict().items():
         assert torch.equal(v, state_before[k]), k
 

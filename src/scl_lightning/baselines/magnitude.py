@@ -85,7 +85,7 @@ def prune_by_magnitude(model: nn.Module, sparsity: float, scope: Scope = "global
         >>> from scl_lightning import sparsify
         >>> net = sparsify(nn.Linear(4, 2))
         >>> with torch.no_grad():
-        ...     _ = net.weight.copy_(torch.arange(8.0).view(2, 4))
+        ...     _ = net.raw_weight.copy_(torch.arange(8.0).view(2, 4))
         >>> prune_by_magnitude(net, 0.5)
         4
         >>> net.hard_mask().tolist()
@@ -108,7 +108,8 @@ def prune_by_magnitude(model: nn.Module, sparsity: float, scope: Scope = "global
         )
     # |w| of active connections; -1 for connections already off (below every active one)
     scores = [
-        torch.where(layer.mask > 0, layer.weight.detach().abs().float(), -1.0) for layer in layers
+        torch.where(layer.mask > 0, layer.raw_weight.detach().abs().float(), -1.0)
+        for layer in layers
     ]
     if scope == "global":
         flat = torch.cat([s.flatten() for s in scores])

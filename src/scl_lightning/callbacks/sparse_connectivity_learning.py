@@ -36,7 +36,13 @@ from scl_lightning.nn.collapse import LayerCollapseGuard
 from scl_lightning.nn.flops import FlopCounts, example_for, flop_counts
 from scl_lightning.nn.masked import MaskedLayer, validate_granularity, validate_mask_init
 from scl_lightning.nn.normalize import normalize_mask_gradient, validate_norm_mode
-from scl_lightning.nn.sparsify import mask_spec, maskable_modules, masked_modules, sparsify
+from scl_lightning.nn.sparsify import (
+    mask_spec,
+    maskable_modules,
+    masked_modules,
+    refuse_tied,
+    sparsify,
+)
 from scl_lightning.nn.ste import get_ste
 
 __all__ = ["MASK_SPEC_KEY", "SparseConnectivityLearning", "masks_trainable", "validate_phases"]
@@ -241,6 +247,10 @@ class SparseConnectivityLearning(Callback):
         self.monitor = SparsityMonitor(log_every_n_steps=log_every_n_steps, flops=flops)
         self._collapse = LayerCollapseGuard(min_connections_per_layer)
         self._monitoring = True
+        #: whether this fit's first training step has been checked for masks it never read
+        self._reads_checked = False
+        #: id(mask) of the layers that step left dense: masks on, no gradient, no penalty
+        self._frozen: set[int] = set()
         self._lam_shown = False
         self._layers: dict[int, MaskedLayer] = {}  # id(mask) -> layer, in module order
         self._names: dict[int, str] = {}  # id(mask) -> the layer's name in the network
@@ -355,7 +365,15 @@ class SparseConnectivityLearning(Callback):
         self.collect_layers(net)
 
     def collect_layers(self, network: nn.Module) -> None:
-        """Train the masked layers of ``network`` (``setup`` calls it on the target)."""
+        """Train the masked layers of ``network`` (``setup`` calls it on the target).
+
+        Raises:
+            ValueError: if a masked layer's weight is tied to another module, which reads it
+                without the mask (``sparsify`` leaves such layers dense; one masked by hand,
+                or by an older version, is refused).
+        """
+        refuse_tied(network, "SparseConnectivityLearning")
+        self._frozen = set()
         named = list(masked_modules(network))
         self._layers = {id(layer.mask): layer for _, layer in named}
         self._names = {id(layer.mask): name for name, layer in named}
@@ -379,6 +397,7 @@ class SparseConnectivityLearning(Callback):
             self._attach_mask_groups(trainer, optimizers)
             self._wrap_gradient_clipping(pl_module)
             self._warn_if_too_short(trainer, optimizers)
+        self._reads_checked = False
         # one normalization, after the penalty: a MaskGradientNormalization callback in the
         # Trainer gives its settings and stands down for this fit
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
@@ -532,6 +551,9 @@ class SparseConnectivityLearning(Callback):
         else:
             mode, eps = self.normalize, self.eps
         for mask in masks:
+            if id(mask) in self._frozen:  # left dense after the first step (_check_mask_reads)
+                mask.grad = None
+                continue
             layer = self._layers[id(mask)]
             scale = lam * self._price(id(mask))
             if layer.per_mask != 1:
@@ -706,6 +728,9 @@ class SparseConnectivityLearning(Callback):
             self.monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.needs_flops and self._flop_counts is None and self._layers:
             self._trace(pl_module, batch)
+        if not self._reads_checked:
+            for layer in self._layers.values():
+                layer.reset_mask_reads()
 
     @override
     def on_train_batch_end(
@@ -720,6 +745,9 @@ class SparseConnectivityLearning(Callback):
             self.monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not self._layers:
             return
+        if not self._reads_checked:
+            self._reads_checked = True
+            self._check_mask_reads()
         # the floor is enforced after every step; collapse alone is looked for at log steps
         every = max(1, int(trainer.log_every_n_steps))  # type: ignore[attr-defined]
         if self.masks_learning(trainer.current_epoch) and (
@@ -735,6 +763,36 @@ class SparseConnectivityLearning(Callback):
                 "lam", self.lam, prog_bar=True, logger=False, on_step=True, on_epoch=False
             )
             self._lam_shown = True
+
+    def _check_mask_reads(self) -> None:
+        """Leave dense, and name in one line, the masked layers whose mask the first training
+        step never applied: the network either does not use them or reads their stored weight
+        where the mask cannot act (a parameter list, a state dict), so their masks would learn
+        from the penalty alone and count as pruned connections the network may still use.
+        Their masks are set on and frozen, and leave the penalty. Under ``torch.compile`` reads
+        are not counted (none is seen), and nothing is done."""
+        unread = [key for key, layer in self._layers.items() if not layer.mask_reads]
+        if not unread or len(unread) == len(self._layers):
+            return
+        names = [self._names[key] for key in unread]
+        with torch.no_grad():
+            for key in unread:
+                # frozen as `drop_mask_grads` freezes (requires_grad stays: DDP needs the same
+                # parameters to receive gradients on every step); the optimizer skips them
+                self._layers.pop(key).mask.fill_(self.mask_init)
+                self._names.pop(key)
+                self._frozen.add(key)
+        self._total = sum(layer.connections for layer in self._layers.values())
+        self._prices = None
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        rank_zero_warn(
+            f"SparseConnectivityLearning: {len(names)} of {len(names) + len(self._layers)} "
+            f"masked layers were not computed through their mask in the first training step: "
+            f"{shown}. The forward pass does not use them, or reads their stored weight where "
+            "the mask cannot act (a parameter list, a state dict); they are left dense from "
+            "here on (masks on and frozen, out of the penalty). Exclude them (exclude=[...]) "
+            "to silence this"
+        )
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -22,6 +22,7 @@ from scl_lightning.nn.sparsify import (
     masked_modules,
     sparsify,
     sparsify_like,
+    tied_weights,
 )
 from scl_lightning.nn.stats import (
     Connectivity,
@@ -86,5 +87,6 @@ __all__ = [
     "sparsify",
     "sparsify_like",
     "step",
+    "tied_weights",
     "total_connections",
 ]

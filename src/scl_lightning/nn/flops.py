@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from scl_lightning.nn.masked import MaskedLayer
+from scl_lightning.nn.outputs import named_outputs
 from scl_lightning.nn.sparsify import maskable_modules
 from scl_lightning.nn.stats import connectivity
 
@@ -30,6 +32,7 @@ __all__ = [
     "example_for",
     "example_from_batch",
     "flop_counts",
+    "flop_counts_or_none",
     "maskable_connectivity",
 ]
 
@@ -106,13 +109,36 @@ def example_for(module: nn.Module, batch: Any, given: Tensor | None = None) -> T
     return example_from_batch(batch)
 
 
+def _traceable_outputs(module: nn.Module, args: Any, output: Any) -> tuple[Tensor, ...]:
+    """The tensors of ``output``, flat, for the ``torch.jit`` trace; an output that also holds
+    objects the trace cannot see into is refused: the work that only feeds them would go
+    uncounted, and a wrong count is worse than none."""
+    tensors = []
+    for name, leaf in named_outputs(output):
+        if isinstance(leaf, Tensor):
+            tensors.append(leaf)
+        elif not isinstance(leaf, int | float | complex | str | bytes):
+            where = f" at {name!r}" if name else ""
+            raise TypeError(
+                f"the output holds a value of type {type(leaf).__name__}{where}, which FLOPs "
+                "tracing cannot see into (register it with torch.utils._pytree to flatten it)"
+            )
+    if not tensors:
+        raise TypeError(f"the output ({type(output).__name__}) holds no tensor to trace")
+    return tuple(tensors)
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, example_input: Tensor | tuple[Any, ...]) -> FlopCounts:
     """Trace ``model`` once on ``example_input`` (batch of one) and count dense FLOPs.
 
     Masked layers are traced as their dense classes; the model is traced in eval mode and the
     training mode of every submodule restored afterwards. fvcore's warnings about operators it
-    does not count (element-wise ops, which do not change the ranking) are silenced.
+    does not count (element-wise ops, which do not change the ranking) are silenced. Outputs
+    of any structure trace (dicts, dataclasses, ``ModelOutput``, namedtuples, nested): the
+    ``torch.jit`` tracer under fvcore accepts tuples of tensors, so the output is flattened
+    (:func:`~scl_lightning.nn.outputs.named_outputs`) for the trace; an output holding an object
+    that is neither a tensor, a number nor a container raises ``TypeError``.
     """
     from fvcore.nn import FlopCountAnalysis
 
@@ -122,6 +148,8 @@ def count_flops(model: nn.Module, example_input: Tensor | tuple[Any, ...]) -> Fl
     fvcore_logger = logging.getLogger("fvcore")
     level = fvcore_logger.level
     fvcore_logger.setLevel(logging.ERROR)
+    # registered before fvcore's own scope hooks, so they and the tracer see the flat outputs
+    flatten = model.register_forward_hook(_traceable_outputs)
     try:
         model.eval()
         with dense_view(model):
@@ -134,12 +162,70 @@ def count_flops(model: nn.Module, example_input: Tensor | tuple[Any, ...]) -> Fl
             by_module = analysis.by_module()
             total = int(analysis.total())
     finally:
+        flatten.remove()
         for module, mode in modes:
             module.training = mode
         fvcore_logger.setLevel(level)
     layers = {name: int(by_module.get(name, 0)) for name, _ in maskable_modules(model)}
     modules = {name: int(flops) for name, flops in by_module.items()}
+    # A layer whose weight the network reads itself (`F.linear(x, self.qkv.weight)`) is never
+    # called, and fvcore books its multiply-adds to the caller: count them where they are.
+    unseen = [name for name, flops in layers.items() if flops == 0]
+    if unseen:
+        found = _functional_flops(model, inputs, unseen, modes)
+        layers.update(found)
+        modules.update(found)
     return FlopCounts(total=total, layers=layers, modules=modules)
+
+
+class _WeightReads(torch.overrides.TorchFunctionMode):
+    """Multiply-adds of the linear and convolution calls whose weight is one of ``weights``
+    (``id(parameter) -> layer name``): each output element costs the weight's fan-in."""
+
+    FUNCTIONS = frozenset(
+        {
+            torch.nn.functional.linear,
+            torch.nn.functional.conv1d,
+            torch.nn.functional.conv2d,
+            torch.nn.functional.conv3d,
+        }
+    )
+
+    def __init__(self, weights: dict[int, str]) -> None:
+        super().__init__()
+        self.weights = weights
+        self.flops: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in self.FUNCTIONS:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            name = self.weights.get(id(weight))
+            if name is not None and isinstance(out, Tensor):
+                fan_in = weight.numel() // max(int(weight.shape[0]), 1)
+                self.flops[name] = self.flops.get(name, 0) + out.numel() * fan_in
+        return out
+
+
+def _functional_flops(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    names: list[str],
+    modes: list[tuple[nn.Module, bool]],
+) -> dict[str, int]:
+    """FLOPs of the maskable layers ``names`` from their weights' reads in one forward pass."""
+    modules = dict(model.named_modules())
+    weights = {id(modules[name]._parameters["weight"]): name for name in names}
+    reads = _WeightReads(weights)
+    try:
+        model.eval()
+        with dense_view(model), torch.no_grad(), reads:
+            model(*inputs)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return reads.flops
 
 
 def maskable_connectivity(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -151,6 +237,20 @@ def maskable_connectivity(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 _TRACED: weakref.WeakKeyDictionary[nn.Module, dict[Any, FlopCounts]] = weakref.WeakKeyDictionary()
+_FAILED: weakref.WeakKeyDictionary[nn.Module, set[Any]] = weakref.WeakKeyDictionary()
+
+
+def _one_sample(model: nn.Module, example_input: Tensor) -> tuple[Tensor, Any]:
+    """The first sample of ``example_input`` on ``model``'s device and floating dtype, and the
+    key that identifies its trace."""
+    sample = example_input[:1] if example_input.dim() > 0 else example_input
+    # on the model's device, and in its floating dtype: under `bf16-true`/`64-true` the model is
+    # converted, an example input (`example_input_array`, a kept batch) is not
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is not None:
+        dtype = param.dtype if sample.is_floating_point() else sample.dtype
+        sample = sample.to(param.device, dtype)
+    return sample, (tuple(sample.shape), sample.dtype, str(sample.device))
 
 
 def flop_counts(model: nn.Module, example_input: Tensor) -> FlopCounts:
@@ -162,15 +262,48 @@ def flop_counts(model: nn.Module, example_input: Tensor) -> FlopCounts:
     (:class:`~scl_lightning.callbacks.SparsityMonitor`, the run summary) shares one fvcore
     trace.
     """
-    sample = example_input[:1] if example_input.dim() > 0 else example_input
-    # on the model's device, and in its floating dtype: under `bf16-true`/`64-true` the model is
-    # converted, an example input (`example_input_array`, a kept batch) is not
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if param is not None:
-        dtype = param.dtype if sample.is_floating_point() else sample.dtype
-        sample = sample.to(param.device, dtype)
-    key = (tuple(sample.shape), sample.dtype, str(sample.device))
+    sample, key = _one_sample(model, example_input)
     cache = _TRACED.setdefault(model, {})
     if key not in cache:
         cache[key] = count_flops(model, sample)
     return cache[key]
+
+
+def flop_counts_or_none(model: nn.Module, example_input: Tensor, who: str) -> FlopCounts | None:
+    """:func:`flop_counts`, or ``None`` when fvcore cannot trace ``model``: FLOPs are a figure
+    to report, never a reason for what asked for them (an export) to fail.
+
+    The first failure for a model and input shape warns once (``UserWarning``, prefixed with
+    ``who``, naming the tracer's error) and is remembered: later calls return ``None`` without
+    tracing again or warning.
+
+    Example::
+
+        >>> import warnings
+        >>> class Opaque(nn.Linear):  # returns an object fvcore cannot look into
+        ...     def forward(self, x):
+        ...         return {"y": super().forward(x), "cache": object()}
+        >>> flop_counts_or_none(nn.Linear(3, 2), torch.ones(1, 3), "me").total
+        6
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     print(flop_counts_or_none(Opaque(3, 2), torch.ones(1, 3), "me"))
+        None
+        >>> print(caught[0].message)  # doctest: +ELLIPSIS
+        me: FLOPs not counted: fvcore cannot trace Opaque (TypeError: the output holds a value...
+    """
+    sample, key = _one_sample(model, example_input)
+    if key in _FAILED.get(model, ()):
+        return None
+    try:
+        return flop_counts(model, sample)
+    except Exception as err:  # tracing other people's modules can fail in many ways
+        _FAILED.setdefault(model, set()).add(key)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        warnings.warn(
+            f"{who}: FLOPs not counted: fvcore cannot trace {type(model).__name__} "
+            f"({type(err).__name__}: {reason:.200}); FLOPs are reported as unknown",
+            UserWarning,
+            stacklevel=2,
+        )
+        return None

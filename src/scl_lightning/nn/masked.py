@@ -1,9 +1,21 @@
 """Masked layers: ``nn.Linear`` and ``nn.ConvNd`` whose weight is ``w * H(m)``.
 
 Each masked layer *is* its dense parent class with one extra parameter, ``mask`` (the trainable
-mask variable ``m``), and an estimator ``ste``. ``weight`` and ``bias`` keep their names, so
-pretrained state_dicts load, and the forward pass is the parent's own computation with the
-effective weight swapped in.
+mask variable ``m``), and an estimator ``ste``. The stored weight keeps its name and place
+(``layer._parameters["weight"]``), so state dicts, checkpoints and optimizers see the same
+parameters as in the dense layer, and pretrained state dicts load.
+
+Reading ``layer.weight`` gives the *effective* weight ``w * H(m)``, computed on each read (a
+class-level property, the mechanism of ``torch.nn.utils.parametrize`` without its renaming of
+the parameter). So the mask acts wherever the weight is read: in the parent's own ``forward``
+(which the masked classes do not override) and in any functional use of ``module.weight``
+elsewhere in the network (attention blocks read their projection weights directly, e.g.
+``F.linear(x, self.qkv.weight)``). The stored, unmasked weight is :attr:`MaskedLayer.raw_weight`:
+write to that one. ``layer.weight`` is a new tensor on every read: a write into it changes the
+copy. Read without autograd (under ``torch.no_grad()``) it is an inference tensor, so a direct
+in-place write raises; ``nn.init.*_(layer.weight)`` with autograd on and writes through
+``layer.weight.data`` are not caught. ``docs/mask_mechanism.md`` compares this mechanism
+with the alternatives, measured.
 
 The mask's *granularity* says what one mask variable switches:
 
@@ -25,7 +37,6 @@ import weakref
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scl_lightning.nn.ste import (
@@ -95,10 +106,10 @@ class MaskedLayer:
     """Mixin for a weight layer with a trainable connectivity mask.
 
     Subclasses combine it with a dense layer class (``class MaskedLinear(MaskedLayer,
-    nn.Linear)``) and call :meth:`effective_weight` where the parent uses ``self.weight``.
+    nn.Linear)``) and keep the parent's ``forward``: the parent reads ``self.weight``, which is
+    :meth:`effective_weight` here.
     """
 
-    weight: Tensor
     mask: nn.Parameter
     ste: STE
     dense_cls: type[nn.Module]
@@ -112,34 +123,102 @@ class MaskedLayer:
         mask_init = validate_mask_init(mask_init)
         self.granularity = validate_granularity(granularity)
         self.ste = get_ste(ste)
+        weight = self.raw_weight
         # never below float32, whatever the weight's dtype (see `_apply`)
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        dtype = torch.promote_types(weight.dtype, torch.float32)
         if granularity == "weight":
-            mask = torch.full_like(self.weight, mask_init, dtype=dtype, requires_grad=False)
+            mask = torch.full_like(weight, mask_init, dtype=dtype, requires_grad=False)
         else:
-            shape = mask_shape(self.weight.shape, granularity)
-            mask = torch.full(shape, mask_init, dtype=dtype, device=self.weight.device)
+            shape = mask_shape(weight.shape, granularity)
+            mask = torch.full(shape, mask_init, dtype=dtype, device=weight.device)
         self.register_parameter("mask", nn.Parameter(mask))  # type: ignore[attr-defined]
+
+    @property
+    def raw_weight(self) -> nn.Parameter:
+        """The stored weight ``w``, unmasked: the parameter that state dicts, checkpoints and
+        optimizers hold under the name ``weight``. Initialize or edit the weight through it."""
+        weight = self._parameters.get("weight")  # type: ignore[attr-defined]
+        if weight is None:  # the parent's __init__ asks `hasattr` before registering it
+            raise AttributeError(f"{type(self).__name__} has no weight yet")
+        return cast(nn.Parameter, weight)
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective weight ``w * H(mask)`` (:meth:`effective_weight`), computed anew on
+        each read, wherever it is read: by the layer's own ``forward`` and by any code that
+        reads ``module.weight``. The stored weight is :attr:`raw_weight`."""
+        if "mask" not in self._parameters or self.__dict__.get("_unmasked"):  # type: ignore[attr-defined]
+            # being built (the parent's __init__ and reset_parameters initialize the stored
+            # weight in place through this name), or reset_parameters now
+            return self.raw_weight
+        try:
+            if torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+                return self.effective_weight()
+            if torch.compiler.is_compiling():
+                return self.effective_weight()
+            # A read without autograd: evaluation, or code about to write into the weight
+            # (`layer.weight.copy_(w)` or `layer.weight[i] = 0` under no_grad). As an
+            # inference tensor the result refuses in-place writes, loudly, instead of letting
+            # them change a temporary copy while the stored weight stays as it was.
+            with torch.inference_mode():
+                return self.effective_weight()
+        except AttributeError as err:
+            # Python would otherwise fall back to nn.Module.__getattr__, which returns the
+            # stored weight: the mask would silently stop acting
+            raise RuntimeError(f"{type(self).__name__}.weight: {err}") from err
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        # nn.Module.__setattr__ registers an nn.Parameter (or None) under "weight" itself and
+        # never calls this; only a plain tensor for a layer without a weight gets here
+        raise TypeError(
+            f"{type(self).__name__}.weight: assign an nn.Parameter, or write into "
+            f"layer.raw_weight, not a {type(value).__name__}"
+        )
+
+    def reset_parameters(self) -> None:
+        """The parent's initialization, applied to the stored weight (and bias); the mask is
+        left as it is."""
+        self.__dict__["_unmasked"] = True
+        try:
+            super().reset_parameters()  # type: ignore[misc]
+        finally:
+            self.__dict__.pop("_unmasked", None)
 
     @property
     def per_mask(self) -> int:
         """Connections one mask variable switches: 1, or the fan-in of an output unit
         (``granularity="channel"``)."""
-        return self.weight.numel() // max(self.mask.numel(), 1)
+        return self.raw_weight.numel() // max(self.mask.numel(), 1)
 
     @property
     def connections(self) -> int:
         """The layer's number of connections (weights), whatever the mask's granularity."""
-        return self.weight.numel()
+        return self.raw_weight.numel()
 
     def effective_weight(self) -> Tensor:
         """``weight * H(mask)``, differentiable in both through the layer's estimator."""
-        h = step(self.mask, self.weight.dtype)
+        weight = self.raw_weight
+        h = step(self.mask, weight.dtype)
         if not torch.compiler.is_compiling():
             # Remembered, weakly (the backward pass holds it until it has run), for
             # `forward_count`: the count of the connections this forward pass used.
             self.__dict__["_fresh_h"] = weakref.ref(h)
-        return masked_weight(self.weight, self.mask, self.ste, h=h)
+            # How often the mask was applied: the engine checks after its first training
+            # step that every masked layer's weight was read through its mask.
+            self.__dict__["_reads"] = self.__dict__.get("_reads", 0) + 1
+        return masked_weight(weight, self.mask, self.ste, h=h)
+
+    @property
+    def mask_reads(self) -> int:
+        """How many times the effective weight was computed (each forward pass that used the
+        layer, each functional read of ``weight``) since the last :meth:`reset_mask_reads`;
+        not counted under ``torch.compile``."""
+        return int(self.__dict__.get("_reads", 0))
+
+    def reset_mask_reads(self) -> None:
+        """Start :attr:`mask_reads` again from 0."""
+        self.__dict__["_reads"] = 0
 
     def active_count(self) -> Tensor:
         """The layer's number of active connections ``sum(H(mask))`` for the mask's current
@@ -200,14 +279,16 @@ class MaskedLayer:
         # the forward pass's H(mask) belongs to this object's mask, never to a copy's
         state = self.__dict__.copy()
         state.pop("_fresh_h", None)
+        state.pop("_reads", None)
         return state
 
     def hard_mask(self) -> Tensor:
         """The binary connectivity ``H(mask)`` of every connection, detached, in the mask's
         dtype and the weight's shape (a channel mask is expanded over each unit's fan-in)."""
         h = step(self.mask.detach())
-        if h.shape != self.weight.shape:
-            h = h.expand_as(self.weight).contiguous()
+        weight = self.raw_weight
+        if h.shape != weight.shape:
+            h = h.expand_as(weight).contiguous()
         return h
 
     @classmethod
@@ -232,6 +313,13 @@ class MaskedLayer:
                 f"{cls.__name__}.from_dense expects exactly {cls.dense_cls.__name__}, "
                 f"got {type(module).__name__}"
             )
+        if not isinstance(module._parameters.get("weight"), nn.Parameter):
+            raise TypeError(
+                f"{cls.__name__}.from_dense needs a layer whose weight is an nn.Parameter; this "
+                f"{type(module).__name__}'s weight is computed by a hook (spectral_norm or "
+                "weight_norm) and a mask on it would not act"
+            )
+        get_ste(ste)  # a bad estimator fails before the class changes
         module.__class__ = cls  # type: ignore[assignment]
         cast(MaskedLayer, module)._init_mask(mask_init, ste, granularity)
         return module
@@ -285,9 +373,6 @@ class MaskedLinear(MaskedLayer, nn.Linear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_mask(mask_init, ste, granularity)
 
-    def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.effective_weight(), self.bias)
-
 
 class _MaskedConvNd(MaskedLayer):
     def __init__(
@@ -300,9 +385,6 @@ class _MaskedConvNd(MaskedLayer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self._init_mask(mask_init, ste, granularity)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.effective_weight(), self.bias)  # type: ignore[attr-defined]
 
 
 class MaskedConv1d(_MaskedConvNd, nn.Conv1d):

@@ -29,15 +29,17 @@ __all__ = [
     "mask_spec",
     "maskable_modules",
     "masked_modules",
+    "refuse_tied",
     "sparsify",
     "sparsify_like",
+    "tied_weights",
 ]
 
 M = TypeVar("M", bound=nn.Module)
 
 #: Dense layer class -> masked class. Only these exact classes are converted: a subclass may
-#: override ``forward`` (e.g. ``nn.MultiheadAttention``'s ``out_proj`` never calls it), so masking
-#: it could silently have no effect.
+#: transform its weight before using it (timm's ``StdConv2d`` standardizes it), and then a mask
+#: on the stored weight would not leave the pruned connections at zero.
 MASKED_CLASSES: dict[type[nn.Module], type[MaskedLayer]] = {
     nn.Linear: MaskedLinear,
     nn.Conv1d: MaskedConv1d,
@@ -60,6 +62,55 @@ def _excluded(name: str, patterns: tuple[str, ...]) -> str | None:
         if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*"):
             return p
     return None
+
+
+def tied_weights(model: nn.Module) -> dict[str, str]:
+    """``{layer: where else its weight is held}`` for every maskable layer of ``model`` whose
+    ``weight`` parameter is also a parameter of another module (a tie such as GPT-2's
+    ``lm_head.weight = transformer.wte.weight``; a layer reused under two names is one module,
+    not a tie).
+
+    The other module reads the stored weight, not the masked one, so a mask on such a layer
+    would act in one place and not in the other: :func:`sparsify` leaves these layers dense.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3))
+        >>> net[2].weight = net[0].weight
+        >>> tied_weights(net)
+        {'0': '2.weight', '2': '0.weight'}
+    """
+    holders: dict[int, list[tuple[int, str]]] = {}  # id(param) -> [(id(module), "name.attr")]
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for attr, param in module._parameters.items():
+            if param is not None:
+                qualified = f"{name}.{attr}" if name else attr
+                holders.setdefault(id(param), []).append((id(module), qualified))
+    tied: dict[str, str] = {}
+    for name, module in maskable_modules(model):
+        weight = module.raw_weight if isinstance(module, MaskedLayer) else module.weight
+        others = [q for owner, q in holders.get(id(weight), ()) if owner != id(module)]
+        if others:
+            tied[name] = others[0]
+    return tied
+
+
+def refuse_tied(model: nn.Module, who: str) -> None:
+    """Raise ``ValueError`` if a masked layer of ``model`` shares its weight with another
+    module (:func:`tied_weights`); ``who`` starts the message."""
+    tied = tied_weights(model)
+    masked = [n for n, _ in masked_modules(model) if n in tied]
+    if masked:
+        raise ValueError(
+            f"{who}: the masked layer {masked[0]!r} shares its weight with {tied[masked[0]]}, "
+            "which reads it without the mask, so no plain state dict holds what the model "
+            "computes; build the model with the weights untied, or leave the layer dense "
+            "(sparsify does, for a tie it sees when masking)"
+        )
 
 
 def maskable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -99,6 +150,12 @@ def sparsify(
     are all kept. Biases and every other layer type (normalization, embeddings, transposed
     convolutions, subclasses of the above) are never masked. Calling it again masks only layers
     that are still dense.
+
+    A masked layer's ``weight`` reads as ``w * H(m)`` wherever it is read (its own forward, or
+    a functional ``F.linear(x, layer.weight)`` elsewhere). A layer whose weight parameter is
+    also held by another module (:func:`tied_weights`, e.g. an output layer tied to the
+    embedding) is left dense, with a warning naming it: the other module reads the stored
+    weight, so the mask could not act there.
 
     Args:
         model: any ``nn.Module``, including one written elsewhere with pretrained weights loaded.
@@ -142,6 +199,8 @@ def sparsify(
     to_convert: list[nn.Module] = []
     already_masked = 0
     differing: list[str] = []
+    tied = tied_weights(model)
+    left_tied: list[str] = []
     for name, module in maskable_modules(model):
         if isinstance(module, MaskedLayer):
             already_masked += 1
@@ -152,6 +211,14 @@ def sparsify(
         hit = _excluded(name, patterns)
         if hit is not None:
             matched.add(hit)
+            continue
+        if name in tied:
+            left_tied.append(f"{name} (weight tied to {tied[name]})")
+            continue
+        if not isinstance(module._parameters.get("weight"), nn.Parameter):
+            # spectral_norm / the old weight_norm: `weight` is recomputed by a hook from
+            # `weight_orig` before every forward, which a mask on `weight` would not see
+            left_tied.append(f"{name} (weight computed by a hook, e.g. spectral_norm)")
             continue
         to_convert.append(module)
 
@@ -173,8 +240,17 @@ def sparsify(
             f"{type(model).__name__}; check the names with `model.named_modules()`",
             stacklevel=2,
         )
+    if left_tied:
+        warnings.warn(
+            f"sparsify: {len(left_tied)} layer(s) left dense, their weight being read or made "
+            f"where a mask cannot act: {', '.join(left_tied)}; a mask there would be counted as "
+            "pruning connections the network still uses",
+            stacklevel=2,
+        )
     if not to_convert and not already_masked:
         detail = f" after excluding {list(patterns)}" if patterns else ""
+        if left_tied:
+            detail += f" ({len(left_tied)} layer(s) left dense: {', '.join(left_tied)})"
         raise ValueError(
             f"sparsify: {type(model).__name__} has no nn.Linear or nn.Conv1d/2d/3d layer to "
             f"mask{detail}; SCL needs at least one (check the model or the exclude patterns)"
@@ -297,9 +373,10 @@ def export_pruned(model: M) -> M:
             f"export_pruned: {type(model).__name__} has no masked layer; call "
             "scl_lightning.sparsify(model) (and train it) first"
         )
+    refuse_tied(model, "export_pruned")
     pruned = copy.deepcopy(model)
     for _, module in list(masked_modules(pruned)):
-        module.weight.mul_(step(module.mask))
+        module.raw_weight.mul_(step(module.mask))
         dense_cls = module.dense_cls
         del module.mask  # removes the registered parameter
         del module.ste

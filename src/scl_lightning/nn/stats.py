@@ -177,7 +177,8 @@ def connectivity(model: nn.Module) -> Connectivity:
     entries: list[tuple[str, tuple[int, ...], int, bool]] = []
     counts: list[Tensor] = []
     for name, module in maskable_modules(model):
-        weight = cast(Tensor, module.weight)
+        weight = module.raw_weight if isinstance(module, MaskedLayer) else module.weight
+        weight = cast(Tensor, weight)
         masked = isinstance(module, MaskedLayer)
         entries.append((name, tuple(weight.shape), weight.numel(), masked))
         if masked:
