@@ -5,7 +5,8 @@ metadata, atomically; :func:`load_pruned` reads it back without unpickling anyth
 :func:`compact` removes the units and channels a pruned network no longer uses;
 :func:`export_model` writes a network as ``dense``, ``compact``, ``sparse`` or ``onnx`` with a
 report of what it saves, and :func:`load_export` reads any of them back (``scl export`` on the
-command line).
+command line). :func:`select_output` makes a network with a structured output (a dict, a
+dataclass, a ``ModelOutput``) return one of its tensors, for a format that cannot store the rest.
 """
 
 from scl_lightning.deploy.compact import CompactReport, compact
@@ -15,7 +16,13 @@ from scl_lightning.deploy.export import (
     load_pruned,
     save_pruned,
 )
-from scl_lightning.deploy.formats import FORMATS, ExportReport, export_model, load_export
+from scl_lightning.deploy.formats import (
+    FORMATS,
+    ExportReport,
+    export_model,
+    load_export,
+    select_output,
+)
 
 __all__ = [
     "FORMATS",
@@ -28,4 +35,5 @@ __all__ = [
     "load_export",
     "load_pruned",
     "save_pruned",
+    "select_output",
 ]

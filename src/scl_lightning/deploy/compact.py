@@ -7,17 +7,36 @@ an ordinary ``nn.Module`` with smaller ``Linear``/``Conv2d`` (and ``BatchNorm``)
 computes the same function.
 
 How it works. The network (made dense with ``w * H(m)`` baked in) is traced with
-``torch.fx``. A **chain** is a weight layer ``P`` whose output reaches exactly one weight layer
-``C`` through channel-wise operations only (BatchNorm, elementwise activations, dropout, max or
-average pooling, flatten): then output channel ``j`` of ``P`` and input channel ``j`` of ``C``
-are the same feature, and
+``torch.fx`` and run once on the example input to record every activation's shape. A **chain**
+is a weight layer ``P`` whose output reaches exactly one weight layer ``C`` through channel-wise
+and layout operations only; then each input column of ``C`` reads one output feature of ``P``,
+and
 
-* if ``C`` reads nothing from ``j`` (its weights on ``j`` are all zero), ``j`` is removed from
-  ``P``, from the BatchNorm between and from ``C``;
-* if ``P`` computes ``j`` from nothing (its weights for ``j`` are all zero), ``j`` is a constant
-  after the channel-wise operations; it is removed and its contribution folded into ``C``'s
-  bias, which is exact when ``C`` is a ``Linear`` or an unpadded convolution (or when the
-  constant is 0, e.g. after a ReLU). Otherwise it is kept and reported.
+* if ``C`` reads nothing from a feature (its weights on it are all zero), the feature is
+  removed from ``P``, from the BatchNorm between and from ``C``;
+* if ``P`` computes a feature from nothing (its weights for it are all zero), the feature is a
+  constant after the channel-wise operations; it is removed and its contribution folded into
+  ``C``'s bias, which is exact when ``C`` is a ``Linear`` or a convolution whose padding keeps a
+  constant constant (none, or not zeros); a zero-padded convolution gets a per-position
+  ``bias_map`` instead (:class:`Conv2dWithBiasMap`). A feature that is not constant at ``C``'s
+  input (an average pool over padding) is kept and reported.
+
+**Where the features are.** A ``Linear`` computes and reads the **last** dim of its input, so
+its features may be those of ``(N, C)``, of ``(N, T, C)`` tokens (ViT, Swin and BERT MLPs:
+``fc1 -> GELU -> fc2``) or of channels-last ``(N, H, W, C)`` activations (ConvNeXt); a
+``Conv2d`` computes and reads dim 1 of ``(N, C, H, W)``. The chain follows the producer's
+features element by element through the operations between: elementwise activations, dropout
+and identities leave them where they are; ``permute``, ``transpose``, ``flatten`` and
+``view``/``reshape`` (with ``-1`` where the features go: a size written in the code would not
+follow a smaller layer) move them; BatchNorm acts per index of dim 1, so it is channel-wise only
+where dim 1 holds the features in order (``(N, C)`` or ``(N, C, H, W)``), and 2-d pooling only
+where each plane of the last two dims holds one feature. The consumer must read, at each of its
+input columns, one feature of the producer. So ``conv -> permute -> Linear``, ``Linear ->
+permute -> conv`` and tokens flattened into a head are chains; a ``Linear`` on ``(N, T, C)``
+followed by a ``BatchNorm1d`` (which normalizes T), by a pool over the features, by a reshape
+that splits them over several dims, or read by a layer over another dim, is kept and reported.
+LayerNorm is not channel-wise (it mixes the features): in a ConvNeXt block the MLP after it is
+compacted, the depthwise convolution and the block output are kept.
 
 Removing outputs of ``P`` can leave inputs of ``P`` unread, so the passes repeat until nothing
 changes. What is not a chain is left as it is and reported with the reason: the network's input
@@ -30,7 +49,6 @@ tied across the block by the shortcut.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -38,14 +56,13 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from scl_lightning.nn.outputs import named_outputs
 from scl_lightning.nn.sparsify import export_pruned, masked_modules
 
 __all__ = ["CompactReport", "Conv2dWithBiasMap", "LinearOnSelectedInputs", "compact"]
 
-#: modules that act on each channel on its own (what may sit between two layers of a chain)
-_CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
+#: operations that act on each element on its own: the features stay where they are
+_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
@@ -58,14 +75,9 @@ _CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Hardswish,
     nn.Identity,
     nn.Dropout,
-    nn.Dropout2d,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-    nn.Flatten,
+    nn.Dropout2d,  # the identity in eval mode, where the compact network runs
 )
-_CHANNELWISE_FUNCTIONS = {
+_ELEMENTWISE_FUNCTIONS = {
     F.relu,
     F.relu6,
     F.leaky_relu,
@@ -73,16 +85,24 @@ _CHANNELWISE_FUNCTIONS = {
     F.silu,
     F.elu,
     F.dropout,
-    F.max_pool2d,
-    F.avg_pool2d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d,
     torch.relu,
     torch.sigmoid,
     torch.tanh,
-    torch.flatten,
 }
-_CHANNELWISE_METHODS = {"relu", "sigmoid", "tanh", "flatten", "view", "reshape", "contiguous"}
+_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
+#: one affine map per index of dim 1: channel-wise where dim 1 holds the features, in order
+_DIM1_MODULES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+#: pool over the last two dims: channel-wise where each such plane holds one feature
+_POOL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+#: move elements without computing: the features are followed to where they land
+_LAYOUT_FUNCTIONS = {torch.flatten, torch.permute, torch.transpose, torch.reshape}
+_LAYOUT_METHODS = {"flatten", "permute", "transpose", "view", "reshape"}
 
 
 @dataclass
@@ -127,10 +147,12 @@ class CompactReport:
 class _Chain:
     producer: str
     consumer: str
-    between: list[fx.Node]  # the channel-wise nodes, in order
+    between: list[fx.Node]  # the channel-wise and layout nodes, in order
     shape: tuple[int, ...]  # the producer's output shape
+    dim: int  # the dim of the producer's output that holds its features
     in_shape: tuple[int, ...]  # the consumer's input shape
-    repeat: int  # consumer input features per producer channel (a flatten's spatial size)
+    features: Tensor  # at the consumer's input: the producer feature each element holds
+    columns: Tensor  # per input column (dim 1 of the consumer's weight): its producer feature
 
 
 def _weight_layer(module: nn.Module) -> bool:
@@ -139,14 +161,132 @@ def _weight_layer(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups == 1
 
 
-def _channelwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[str(node.target)], _CHANNELWISE_MODULES)
-    if node.op == "call_function":
-        return node.target in _CHANNELWISE_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _CHANNELWISE_METHODS
+def _feature_dim(layer: nn.Module, ndim: int) -> int:
+    """The dim of an activation that holds a layer's features: a ``Linear`` computes and reads
+    the last one (``(N, C)``, ``(N, T, C)``, channels-last ``(N, H, W, C)``), a ``Conv2d``
+    dim 1 of ``(N, C, H, W)``."""
+    return ndim - 1 if isinstance(layer, nn.Linear) else ndim - 3
+
+
+def _along(values: Tensor, dim: int, shape: tuple[int, ...]) -> Tensor:
+    """``values`` (one per feature) laid along ``dim`` of a tensor of ``shape``."""
+    view = [values.numel() if k == dim else 1 for k in range(len(shape))]
+    return values.reshape(view).expand(shape)
+
+
+def _columns(features: Tensor, dim: int) -> Tensor | None:
+    """The producer feature at each index of ``dim``, or None when an index holds several."""
+    if not 0 <= dim < features.dim():
+        return None
+    rows = features.movedim(dim, -1).reshape(-1, features.shape[dim])
+    if not bool((rows == rows[:1]).all()):
+        return None
+    return rows[0].clone()
+
+
+def _varying_dims(features: Tensor) -> list[int]:
+    return [
+        k
+        for k in range(features.dim())
+        if features.shape[k] > 1 and not bool((features == features.narrow(k, 0, 1)).all())
+    ]
+
+
+def _has_node(args: object) -> bool:
+    if isinstance(args, fx.Node):
+        return True
+    if isinstance(args, tuple | list):
+        return any(_has_node(a) for a in args)
+    if isinstance(args, dict):
+        return any(_has_node(a) for a in args.values())
     return False
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("view", "reshape")
+    return node.op == "call_function" and node.target is torch.reshape
+
+
+def _kind(node: fx.Node, current: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """How ``node`` treats the features of ``current`` (its input): ``elementwise``, ``dim1``
+    (BatchNorm), ``pool`` (over the last two dims), ``layout`` (moves elements), or None."""
+    if node.op == "call_module":
+        module = modules[str(node.target)]
+        if isinstance(module, _ELEMENTWISE_MODULES):
+            return "elementwise"
+        if isinstance(module, _DIM1_MODULES):
+            return "dim1"
+        if isinstance(module, _POOL_MODULES):
+            return "pool"
+        return "layout" if isinstance(module, nn.Flatten) else None
+    if not node.args or node.args[0] is not current:
+        return None
+    if not _is_reshape(node) and _has_node((node.args[1:], node.kwargs)):
+        return None  # other values of the network take part (``x * y``)
+    if node.op == "call_function":
+        if node.target in _ELEMENTWISE_FUNCTIONS:
+            return "elementwise"
+        if node.target in _POOL_FUNCTIONS:
+            return "pool"
+        return "layout" if node.target in _LAYOUT_FUNCTIONS else None
+    if node.op == "call_method":
+        if node.target in _ELEMENTWISE_METHODS:
+            return "elementwise"
+        return "layout" if node.target in _LAYOUT_METHODS else None
+    return None
+
+
+def _reshape_sizes(node: fx.Node) -> tuple[object, ...]:
+    """The sizes a view or reshape asks for: ``x.view(n, -1)``, ``x.view((n, -1))`` or
+    ``torch.reshape(x, shape=(n, -1))``; empty when they are not written out."""
+    rest: tuple[object, ...] = tuple(node.args[1:])
+    if not rest:
+        given = node.kwargs.get("shape", node.kwargs.get("size"))
+        rest = tuple(given) if isinstance(given, tuple | list) else ()
+    if len(rest) == 1 and isinstance(rest[0], tuple | list):
+        rest = tuple(rest[0])
+    return rest
+
+
+def _follow(
+    node: fx.Node, kind: str, features: Tensor, channels: int, modules: dict[str, nn.Module]
+) -> tuple[Tensor | None, str]:
+    """``features`` (the producer feature of each element of ``node``'s input) at ``node``'s
+    output, or None and why the features do not pass ``node`` one per channel."""
+    name = str(node.target) if node.op == "call_module" else node.name
+    if kind == "elementwise":
+        return features, ""
+    if kind == "dim1":
+        columns = _columns(features, 1)
+        if columns is None or not torch.equal(columns, torch.arange(channels).to(columns)):
+            return None, f"{name} normalizes dim 1 of its output, which does not hold its features"
+        return features, ""
+    out_shape = _shape(node)
+    if kind == "pool":
+        planes = features.flatten(-2) if features.dim() >= 3 else None
+        if planes is None or not bool((planes == planes[..., :1]).all()):
+            return None, f"{name} pools over its features"
+        return features[..., :1, :1].expand(out_shape), ""
+    if _is_reshape(node):
+        sizes = _reshape_sizes(node)
+        out = features.reshape(out_shape)
+        varying = _varying_dims(out)
+        if len(varying) > 1:
+            return None, f"{name} splits its features over several dimensions"
+        if len(sizes) != out.dim() or any(sizes[k] != -1 for k in varying):
+            # a size written in the code would not follow a smaller layer (-1 does)
+            return None, f"{name} reshapes it to a size written in the code (-1 would follow)"
+        return out, ""
+    if node.op == "call_module":
+        out = modules[str(node.target)](features)
+    elif node.op == "call_function":
+        out = node.target(features, *node.args[1:], **node.kwargs)  # type: ignore[operator]
+    else:
+        out = getattr(features, str(node.target))(*node.args[1:], **node.kwargs)
+    if tuple(out.shape) != out_shape:
+        return None, f"{name} moves its features in a way compact cannot follow"
+    return out, ""
 
 
 def _value_users(node: fx.Node) -> list[fx.Node]:
@@ -155,7 +295,16 @@ def _value_users(node: fx.Node) -> list[fx.Node]:
 
 
 def _find_chain(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[_Chain | None, str]:
-    """Follow ``node`` (a weight layer) to the one weight layer its output reaches."""
+    """Follow ``node`` (a weight layer) to the one weight layer its output reaches, tracking
+    which dim holds its features through the operations between."""
+    producer = modules[str(node.target)]
+    assert isinstance(producer, nn.Linear | nn.Conv2d)
+    shape = _shape(node)
+    dim = _feature_dim(producer, len(shape))
+    channels = int(producer.weight.shape[0])
+    if not 0 <= dim < len(shape) or shape[dim] != channels:
+        return None, f"its output {shape} holds its {channels} features on no single dim"
+    features = _along(torch.arange(channels, device=producer.weight.device), dim, shape)
     between: list[fx.Node] = []
     current = node
     while True:
@@ -169,23 +318,29 @@ def _find_chain(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[_Chain | 
         if user.op == "call_module" and _weight_layer(modules[str(user.target)]):
             if user.args[0] is not current or len(user.args) != 1 or user.kwargs:
                 return None, f"{user.target} takes it with other inputs"
-            out_shape = _shape(node)
-            in_shape = _shape(current)
-            channels = out_shape[1]
-            repeat = math.prod(in_shape[1:]) // channels if len(in_shape) == 2 else 1
-            if len(in_shape) == 2 and len(out_shape) > 2:
-                spatial = math.prod(in_shape[1:])
-                if spatial != channels * repeat:
-                    return None, f"{user.target} reads a reshaped output"
-            chain = _Chain(str(node.target), str(user.target), between, out_shape, in_shape, repeat)
+            consumer = modules[str(user.target)]
+            columns = _columns(features, _feature_dim(consumer, features.dim()))
+            if columns is None:
+                return None, f"{user.target} reads another dimension than its features"
+            chain = _Chain(
+                str(node.target),
+                str(user.target),
+                between,
+                shape,
+                dim,
+                _shape(current),
+                features,
+                columns,
+            )
             return chain, ""
-        if not _channelwise(user, modules):
+        kind = _kind(user, current, modules)
+        if kind is None:
             label = user.target if isinstance(user.target, str) else user.name
             return None, f"its output feeds {label!s} (not channel-wise)"
-        if user.op == "call_method" and user.target in ("view", "reshape"):
-            shape = _shape(user)
-            if not (len(shape) == 2 or tuple(shape) == tuple(_shape(current))):
-                return None, "its output is reshaped other than flattened"
+        followed, why = _follow(user, kind, features, channels, modules)
+        if followed is None:
+            return None, why
+        features = followed
         between.append(user)
         current = user
 
@@ -197,34 +352,32 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(meta.shape)
 
 
+def _replay(node: fx.Node, x: Tensor, gm: fx.GraphModule) -> Tensor:
+    """What the channel-wise or layout ``node`` makes of ``x`` (a tensor of its input's shape)."""
+    if node.op == "call_module":
+        return gm.get_submodule(str(node.target))(x)
+    if _is_reshape(node):
+        return x.reshape(_shape(node))
+    if node.op == "call_function":
+        return node.target(x, *node.args[1:], **node.kwargs)  # type: ignore[operator]
+    return getattr(x, str(node.target))(*node.args[1:], **node.kwargs)
+
+
 def _channel_constants(chain: _Chain, graph_module: fx.GraphModule, dead: Tensor) -> Tensor | None:
-    """What each dead channel of the producer is at the consumer's input, or None if the
-    channel-wise operations do not keep it constant (e.g. an average pool over padding)."""
-    producer = graph_module.get_submodule(chain.producer)
-    assert isinstance(producer, nn.Linear | nn.Conv2d)
-    bias = producer.bias if producer.bias is not None else torch.zeros(dead.numel())
-    # a batch of 2 in which every dead channel holds its bias everywhere
-    shape = (2, *chain.shape[1:])
-    x = bias.detach().reshape(1, -1, *([1] * (len(shape) - 2))).expand(shape).clone()
-    for node in chain.between:
-        if node.op == "call_module":
-            x = graph_module.get_submodule(str(node.target))(x)
-        elif node.op == "call_function":
-            args = [x if a is node.args[0] else a for a in node.args]
-            x = node.target(*args, **node.kwargs)  # type: ignore[operator]
-        else:
-            if node.target in ("view", "reshape"):
-                x = x.flatten(1)
-            else:
-                args = [a for a in node.args[1:]]
-                x = getattr(x, str(node.target))(*args, **node.kwargs)
+    """What each producer feature is at the consumer's input when the producer outputs its
+    bias, or None if a ``dead`` one is not constant there (an average pool over padding)."""
+    producer = _layer(graph_module, chain.producer)
     channels = dead.numel()
-    values = x.reshape(2, channels, -1)
-    first = values[:, :, :1]
-    constant = (values == first).all(dim=2).all(dim=0)
-    if not bool(constant[dead].all()):
+    bias = producer.bias if producer.bias is not None else producer.weight.new_zeros(channels)
+    x = _along(bias.detach(), chain.dim, chain.shape).clone()
+    for node in chain.between:
+        x = _replay(node, x, graph_module)
+    ids, flat = chain.features.flatten(), x.flatten()
+    values = flat.new_zeros(channels).scatter_(0, ids, flat)
+    differs = flat.new_zeros(channels).index_add_(0, ids, (flat != values[ids]).to(flat.dtype))
+    if bool(differs[dead].ne(0).any()):
         return None
-    return first[0, :, 0]
+    return values
 
 
 class Conv2dWithBiasMap(nn.Conv2d):
@@ -302,7 +455,8 @@ def _shrink_inputs(module: nn.Linear | nn.Conv2d, keep: Tensor) -> None:
 
 def _fold(consumer: nn.Linear | nn.Conv2d, columns: Tensor, values: Tensor) -> None:
     """Add the contribution of constant inputs (``columns`` of the weight's dim 1, holding
-    ``values``) to ``consumer``'s bias."""
+    ``values``) to ``consumer``'s bias: a ``Linear``'s bias is added along the last dim, so
+    this holds for ``(N, C)``, ``(N, T, C)`` and channels-last inputs alike."""
     w = consumer.weight.detach().index_select(1, columns)
     shift = (w * values.reshape(1, -1, *([1] * (w.dim() - 2)))).flatten(1).sum(1)
     if consumer.bias is None:
@@ -312,11 +466,11 @@ def _fold(consumer: nn.Linear | nn.Conv2d, columns: Tensor, values: Tensor) -> N
 
 
 def _fold_map(
-    consumer: nn.Conv2d, channels: Tensor, values: Tensor, in_shape: tuple[int, ...]
+    consumer: nn.Conv2d, columns: Tensor, values: Tensor, in_shape: tuple[int, ...]
 ) -> None:
-    """Like :func:`_fold` for a padded convolution: a constant per output position."""
-    weight = consumer.weight.detach().index_select(1, channels)
-    image = values.reshape(1, -1, 1, 1).expand(1, channels.numel(), *in_shape[2:])
+    """Like :func:`_fold` for a zero-padded convolution: a constant per output position."""
+    weight = consumer.weight.detach().index_select(1, columns)
+    image = values.reshape(1, -1, 1, 1).expand(1, columns.numel(), *in_shape[-2:])
     contribution = F.conv2d(
         image, weight, None, consumer.stride, consumer.padding, consumer.dilation
     )[0]
@@ -328,23 +482,26 @@ def _fold_map(
     bias_map.add_(contribution.to(bias_map.dtype))
 
 
-def _expand(channels: Tensor, repeat: int) -> Tensor:
-    """Producer channels -> consumer input columns (a flatten puts ``repeat`` per channel)."""
-    if repeat == 1:
-        return channels
-    offsets = torch.arange(repeat, device=channels.device)
-    return (channels[:, None] * repeat + offsets[None, :]).flatten()
+def _constant_stays_constant(layer: nn.Linear | nn.Conv2d) -> bool:
+    """Whether a constant input gives a constant output (no zero padding at the borders)."""
+    if isinstance(layer, nn.Linear) or layer.padding_mode != "zeros":
+        return True
+    if isinstance(layer.padding, str):
+        return layer.padding == "valid" or all(k == 1 for k in layer.kernel_size)
+    return all(p == 0 for p in layer.padding)
 
 
 def _pass(chain: _Chain, gm: fx.GraphModule, report: CompactReport) -> bool:
     producer = _layer(gm, chain.producer)
     consumer = _layer(gm, chain.consumer)
     channels = int(producer.weight.shape[0])
-    read = consumer.weight.detach()
-    read = read.transpose(0, 1).reshape(channels, chain.repeat, -1).ne(0).any(dim=(1, 2))
-    fed = producer.weight.detach().flatten(1).ne(0).any(dim=1)
+    columns = chain.columns.to(consumer.weight.device)
+    column_read = consumer.weight.detach().transpose(0, 1).flatten(1).ne(0).any(dim=1)
+    read = columns.new_zeros(channels).index_add_(0, columns, column_read.long()).gt(0)
+    fed = producer.weight.detach().flatten(1).ne(0).any(dim=1).to(read.device)
     dead = ~fed & read  # computed from nothing but read: a constant to fold
     remove = ~read
+    changed = False
     if bool(dead.any()):
         values = _channel_constants(chain, gm, dead)
         if values is None:
@@ -353,33 +510,34 @@ def _pass(chain: _Chain, gm: fx.GraphModule, report: CompactReport) -> bool:
                 f"{chain.consumer}'s input"
             )
         else:
-            idx = dead.nonzero().flatten()
-            idx = idx[values[idx] != 0]  # a zero constant contributes nothing
-            if idx.numel() == 0:
+            values = values.to(read.device)
+            fold = (dead & values.ne(0))[columns].nonzero().flatten()  # a zero adds nothing
+            if fold.numel() == 0:
                 pass
-            elif isinstance(consumer, nn.Linear) or consumer.padding == (0, 0):
-                vals = values[idx].repeat_interleave(chain.repeat)
-                _fold(consumer, _expand(idx, chain.repeat), vals)
+            elif _constant_stays_constant(consumer):
+                _fold(consumer, fold, values[columns[fold]])
             else:
-                _fold_map(consumer, idx, values[idx], chain.in_shape)
+                assert isinstance(consumer, nn.Conv2d)
+                _fold_map(consumer, fold, values[columns[fold]], chain.in_shape)
+            with torch.no_grad():  # folded: the consumer must not read them again
+                consumer.weight[:, dead[columns]] = 0
             report.folded[chain.consumer] = report.folded.get(chain.consumer, 0) + int(dead.sum())
             remove = remove | dead
+            changed = True
     if not bool(remove.any()):
-        return False
+        return changed
     keep = (~remove).nonzero().flatten()
-    placeholder = keep.numel() == 0
-    if placeholder:  # keep one channel: a layer of width 0 is not a module
+    if keep.numel() == 0:  # keep one channel, never read: a layer of width 0 is not a module
         if channels == 1:
-            return False
-        keep = torch.zeros(1, dtype=torch.long)
+            return changed
+        keep = keep.new_zeros(1)
     _shrink_outputs(producer, keep)
     for node in chain.between:
         if node.op == "call_module":
             _shrink_outputs(gm.get_submodule(str(node.target)), keep)
-    _shrink_inputs(consumer, _expand(keep, chain.repeat))
-    if placeholder:  # it was unread or folded already: the consumer must not read it again
-        with torch.no_grad():
-            consumer.weight.zero_()
+    # the consumer's columns of the kept features, in order: a flatten or permute between
+    # keeps the order of what is left
+    _shrink_inputs(consumer, torch.isin(columns, keep).nonzero().flatten())
     before = report.removed.get(chain.producer, (channels, channels))[0]
     report.removed[chain.producer] = (before, keep.numel())
     return True
@@ -461,10 +619,13 @@ def compact(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, Compact
     except Exception as err:  # torch.fx raises many types for untraceable code
         raise ValueError(
             f"compact: torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); export it as 'dense' or 'sparse'"
+            f"{str(err).splitlines()[0] if str(err) else ''}); export it as 'dense' or 'onnx' "
+            "(uncompacted) instead"
         ) from None
     gm.eval()
     example = example_input.detach()[:2].to(next(gm.parameters()).device)
+    with torch.no_grad():
+        reference = _tensors(dense(example))
     modules = dict(gm.named_modules())
     while True:
         ShapeProp(gm).propagate(example)
@@ -486,12 +647,49 @@ def compact(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, Compact
     _select_inputs(gm, modules, report)
     gm.recompile()
     report.params_after = stored_parameters(gm)
+    with torch.no_grad():
+        compacted = _tensors(gm(example))
+    differs = _difference(reference, compacted)
+    if differs is not None:
+        # the last line of defence: a compaction this module got wrong is never returned
+        raise ValueError(
+            f"compact: the compacted {type(model).__name__} differs from the pruned one on the "
+            f"example input ({differs}), which is a bug in compact (please report it with the "
+            "network); export it as 'dense' or 'onnx' (uncompacted) instead"
+        )
     # The layers were shrunk in place, so the network's own class now computes the compact
     # function too, unless its forward hard-codes a width (``x.view(-1, 800)``): prefer it
-    # (it pickles and prints as the user's class), fall back to the traced graph.
+    # (it pickles and prints as the user's class, and returns its own output types), fall
+    # back to the traced graph.
     try:
-        if torch.equal(dense(example), gm(example)):
+        with torch.no_grad():
+            own = _tensors(dense(example))
+        if len(own) == len(compacted) and all(map(torch.equal, own, compacted)):
             return dense, report
     except Exception:  # a shape hard-coded in forward
         pass
     return gm, report
+
+
+def _tensors(output: object) -> list[Tensor]:
+    return [leaf for _, leaf in named_outputs(output) if isinstance(leaf, Tensor)]
+
+
+def _difference(want: list[Tensor], got: list[Tensor]) -> str | None:
+    """How ``got`` differs from ``want`` beyond the dtype's rounding, or ``None``."""
+    if len(want) != len(got):
+        return f"{len(got)} output tensors instead of {len(want)}"
+    for i, (a, b) in enumerate(zip(want, got, strict=True)):
+        if a.shape != b.shape:
+            return f"output {i} has shape {tuple(b.shape)} instead of {tuple(a.shape)}"
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                return f"output {i} differs"
+            continue
+        # folding reorders sums: a few units of the dtype's rounding, scaled by the output
+        eps = torch.finfo(a.dtype).eps
+        scale = max(1.0, float(a.detach().abs().max())) if a.numel() else 1.0
+        err = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+        if not err <= 256 * eps * scale:
+            return f"output {i} off by {err:.3g}"
+    return None
