@@ -347,3 +347,35 @@ def test_named_outputs_names_every_tensor_by_its_path():
     assert named_outputs(y) == [("", y)]
     assert named_outputs({"a": (y, None), "b": 3}) == [("a.0", y), ("b", 3)]
     assert [n for n, _ in named_outputs(Pair(y, {"k": p}))] == ["logits", "probs.k"]
+
+
+def test_a_failing_onnx_export_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    def fails(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::weird' to ONNX is not supported.\nmore")
+
+    monkeypatch.setattr(torch.onnx, "export", fails)
+    with pytest.raises(
+        ValueError, match=r"^export: onnx: torch.onnx.export failed on .*aten::weird.*not written"
+    ) as err:
+        export_model(_pruned("tuple"), tmp_path / "net.onnx", "onnx", torch.randn(2, 6))
+    assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_names_of_paths_that_read_alike_are_distinct(tmp_path):
+    class Dotted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return {"a.b": y, "a": {"b": 2 * y}}
+
+    model = sparsify(Dotted()).eval()
+    export_model(model, tmp_path / "net.onnx", "onnx", torch.randn(2, 6))
+    x = torch.randn(3, 6)
+    got = load_export(tmp_path / "net.onnx")(x)
+    assert list(got) == ["a.b", "a.b~2"]
+    with torch.no_grad():
+        torch.testing.assert_close(got["a.b~2"], 2 * model.fc(x), rtol=1e-4, atol=1e-5)

@@ -468,10 +468,17 @@ class _FlatOutputs(nn.Module):
 
 def _onnx_names(output: Any) -> list[str]:
     """The ONNX output names: each tensor's path (``logits``, ``aux.0``), ``output`` for a bare
-    tensor, ``output.0`` for a tuple's first (the exporter refuses names that are numbers)."""
-    names = []
+    tensor, ``output.0`` for a tuple's first (the exporter refuses names that are numbers).
+    Two paths that read alike (a key ``"a.b"`` beside ``{"a": {"b": ...}}``) are told apart
+    by a suffix, ``a.b~2``: ONNX outputs need distinct names."""
+    names: list[str] = []
     for name, _ in named_outputs(output):
-        names.append(f"output.{name}" if name[:1].isdigit() else name or "output")
+        name = f"output.{name}" if name[:1].isdigit() else name or "output"
+        unique, n = name, 1
+        while unique in names:
+            n += 1
+            unique = f"{name}~{n}"
+        names.append(unique)
     return names
 
 
@@ -496,15 +503,23 @@ def _export_onnx(model: nn.Module, example: Tensor, path: Path) -> tuple[float, 
     }
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("always")
-        torch.onnx.export(
-            flat,
-            (example,),
-            str(path),
-            dynamo=False,
-            input_names=["input"],
-            output_names=names,
-            dynamic_axes={"input": {0: "batch"}, **batched},
-        )
+        try:
+            torch.onnx.export(
+                flat,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=["input"],
+                output_names=names,
+                dynamic_axes={"input": {0: "batch"}, **batched},
+            )
+        except Exception as err:  # an operator ONNX lacks, a trace that fails: one line
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ValueError(
+                f"export: onnx: torch.onnx.export failed on {type(model).__name__} "
+                f"({type(err).__name__}: {reason:.300}); the ONNX file was not written; export "
+                "it as 'dense', or as 'compact' where torch.fx traces it"
+            ) from None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     largest = 0.0
     for batch, expected in ((example, want), (other, want_other)):
