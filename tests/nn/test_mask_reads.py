@@ -270,3 +270,12 @@ def test_a_weight_made_by_a_hook_is_left_dense_and_named():
     with pytest.raises(TypeError, match="computed by a hook"):
         MaskedLinear.from_dense(model[0])
     assert type(model[0]) is nn.Linear
+
+
+def test_flops_of_a_convolution_read_functionally_are_its_own():
+    from scl_lightning.nn.flops import count_flops
+
+    model = sparsify(FunctionalConv())
+    counts = count_flops(model, torch.randn(1, 3, 6, 6))
+    assert counts.layers == {"conv": 4 * 6 * 6 * 3 * 3 * 3}  # outputs x fan-in
+    assert counts.total == counts.layers["conv"]

@@ -247,8 +247,9 @@ class SparseConnectivityLearning(Callback):
         self.monitor = SparsityMonitor(log_every_n_steps=log_every_n_steps, flops=flops)
         self._collapse = LayerCollapseGuard(min_connections_per_layer)
         self._monitoring = True
-        #: whether this fit's first training step has been checked for masks it never read
-        self._reads_checked = False
+        #: masks the first training batch of a fit never read: None until it starts (read counts
+        #: reset, so a sanity check's reads do not count), False while it runs, True once checked
+        self._reads_checked: bool | None = None
         #: id(mask) of the layers that step left dense: masks on, no gradient, no penalty
         self._frozen: set[int] = set()
         self._lam_shown = False
@@ -397,7 +398,7 @@ class SparseConnectivityLearning(Callback):
             self._attach_mask_groups(trainer, optimizers)
             self._wrap_gradient_clipping(pl_module)
             self._warn_if_too_short(trainer, optimizers)
-        self._reads_checked = False
+        self._reads_checked = None
         # one normalization, after the penalty: a MaskGradientNormalization callback in the
         # Trainer gives its settings and stands down for this fit
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
@@ -728,7 +729,8 @@ class SparseConnectivityLearning(Callback):
             self.monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.needs_flops and self._flop_counts is None and self._layers:
             self._trace(pl_module, batch)
-        if not self._reads_checked:
+        if self._reads_checked is None:  # the reads of the first step alone (no sanity check)
+            self._reads_checked = False
             for layer in self._layers.values():
                 layer.reset_mask_reads()
 
@@ -745,7 +747,9 @@ class SparseConnectivityLearning(Callback):
             self.monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not self._layers:
             return
-        if not self._reads_checked:
+        if self._reads_checked is False:
+            # at the end of the first batch: every optimizer's forward pass has run (a GAN's
+            # discriminator reads its masks after the generator's step)
             self._reads_checked = True
             self._check_mask_reads()
         # the floor is enforced after every step; collapse alone is looked for at log steps
@@ -766,7 +770,7 @@ class SparseConnectivityLearning(Callback):
 
     def _check_mask_reads(self) -> None:
         """Leave dense, and name in one line, the masked layers whose mask the first training
-        step never applied: the network either does not use them or reads their stored weight
+        batch never applied: the network either does not use them or reads their stored weight
         where the mask cannot act (a parameter list, a state dict), so their masks would learn
         from the penalty alone and count as pruned connections the network may still use.
         Their masks are set on and frozen, and leave the penalty. Under ``torch.compile`` reads

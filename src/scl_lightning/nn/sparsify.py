@@ -81,11 +81,7 @@ def tied_weights(model: nn.Module) -> dict[str, str]:
         {'0': '2.weight', '2': '0.weight'}
     """
     holders: dict[int, list[tuple[int, str]]] = {}  # id(param) -> [(id(module), "name.attr")]
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
+    for name, module in model.named_modules():  # a module shared under two names comes once
         for attr, param in module._parameters.items():
             if param is not None:
                 qualified = f"{name}.{attr}" if name else attr
