@@ -75,8 +75,9 @@ MESSAGES: dict[str, list[str]] = {
     "typo_in_config": ["Subcommand 'fit' does not accept option 'model.lamda'"],
     "missing_config": ["--config", "missing.yaml", "does not exist"],
     "nothing_to_mask": [
-        "sparsify: LeNet300100 has no nn.Linear or nn.Conv1d/2d/3d layer to mask after "
-        "excluding ['layers']; SCL needs at least one (check the model or the exclude patterns)"
+        "sparsify: LeNet300100 has no Linear or convolution layer to mask after "
+        "excluding ['layers']; SCL needs at least one (check the model or the exclude patterns, "
+        "or register a layer type with scl_lightning.nn.register_maskable)"
     ],
     "cifar_missing_data_dir": [
         "does not exist and download=False: create it and put cifar-10-python.tar.gz from "

@@ -152,7 +152,7 @@ def test_ste_kwargs_reach_the_estimator():
             r"backbone_kwargs only applies when backbone is a registry name",
         ),
         ({"backbone_kwargs": {"hidden": [0]}}, r"every hidden width must be a positive integer"),
-        ({"exclude": ["*"]}, r"has no nn.Linear or nn.Conv1d/2d/3d layer to mask"),
+        ({"exclude": ["*"]}, r"has no Linear or convolution layer to mask"),
     ],
 )
 def test_invalid_arguments(kwargs, match):

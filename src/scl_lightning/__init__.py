@@ -12,10 +12,12 @@ from scl_lightning.deploy import load_pruned, save_pruned
 from scl_lightning.module import SCLModule
 from scl_lightning.nn import (
     connection_count,
+    coverage,
     export_pruned,
     global_sparsity,
     layer_sparsity,
     masked_modules,
+    register_maskable,
     sparsify,
 )
 
@@ -44,6 +46,7 @@ __all__ = [
     "__version__",
     "callbacks",
     "connection_count",
+    "coverage",
     "export_pruned",
     "global_sparsity",
     "layer_sparsity",
@@ -51,6 +54,7 @@ __all__ = [
     "load_pruned",
     "load_sparse",
     "masked_modules",
+    "register_maskable",
     "save_pruned",
     "sparsify",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from scl_lightning._utils import is_int
 from scl_lightning.callbacks._logging import logs_this_step
 from scl_lightning.callbacks.sparse_connectivity_learning import SparseConnectivityLearning
 from scl_lightning.models import create_model
+from scl_lightning.nn.coverage import DenseLayersWarning
 from scl_lightning.nn.sparsify import sparsify as _sparsify
 from scl_lightning.nn.stats import connectivity
 
@@ -235,14 +237,17 @@ class SCLModule(pl.LightningModule):
         if not isinstance(backbone, nn.Module):
             raise ValueError(f"backbone must be an nn.Module or a model name, got {backbone!r}")
         if sparsify:
-            _sparsify(
-                backbone,
-                exclude=exclude,
-                mask_init=mask_init,
-                ste=ste,
-                ste_kwargs=ste_kwargs,
-                granularity=granularity,
-            )
+            with warnings.catch_warnings():
+                # the engine says it at fit start, one line (`SparseConnectivityLearning`)
+                warnings.simplefilter("ignore", DenseLayersWarning)
+                _sparsify(
+                    backbone,
+                    exclude=exclude,
+                    mask_init=mask_init,
+                    ste=ste,
+                    ste_kwargs=ste_kwargs,
+                    granularity=granularity,
+                )
         self.model = backbone
         self._engine.collect_layers(backbone)
         self.constant_lr = constant_lr

@@ -85,3 +85,58 @@ def test_a_masked_tied_layer_is_refused_at_setup(tmp_path):
     shared = r"SparseConnectivityLearning: the masked layer 'unused' shares its weight with used"
     with pytest.raises(ValueError, match=shared):
         trainer.fit(module, _loader())
+
+
+def _fit_lines(tmp_path, module: LightningModule, **kwargs) -> tuple[list[str], object]:
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    engine = SparseConnectivityLearning(**{"lam": 1e-3, "flops": False, **kwargs})
+    trainer.callbacks.append(engine)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer.fit(module, _loader())
+    return [str(w.message) for w in rec if "weight layers masked" in str(w.message)], engine
+
+
+def test_one_line_at_setup_names_what_stays_dense_and_the_share(tmp_path, caplog):
+    """A tied output layer: one warning at fit start, none from sparsify itself."""
+
+    class Tied(ReadsAParameterList):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(3, 4)
+            self.proj.weight = nn.Parameter(torch.randn(3, 4))
+            self.emb.weight = self.proj.weight
+
+    lines, engine = _fit_lines(tmp_path, Tied(), exclude=["side", "unused"])
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith("SparseConnectivityLearning: 1 of 5 weight layers masked")
+    assert "excluded by the user [2, " in line and "side (pattern 'side')" in line
+    assert "weight tied to another module [1, " in line and "proj (tied to emb.weight)" in line
+    cover = engine.coverage()
+    assert cover.masked == ("used",)
+    assert {d.name: d.reason for d in cover.dense} == {
+        "side": "excluded",
+        "unused": "excluded",
+        "proj": "tied",
+        "emb": "other",
+    }
+
+
+def test_a_network_fully_covered_gets_an_info_line_not_a_warning(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        lines, _ = _fit_lines(tmp_path, ReadsAParameterList(), exclude=["side", "unused"])
+    assert lines == []  # no warning
+    said = [r.getMessage() for r in caplog.records if "weight layers masked" in r.getMessage()]
+    assert len(said) == 1 and "2 of 4 weight layers masked" in said[0], said
+
+
+def test_layers_found_unread_are_dense_in_the_coverage(tmp_path):
+    module = ReadsAParameterList()
+    _, engine = _fit_lines(tmp_path, module)
+    cover = engine.coverage()
+    assert cover.masked == ("used", "proj")
+    assert [(d.name, d.reason) for d in cover.dense] == [("side", "unread"), ("unused", "unread")]
+    assert "read outside the mask [2, " in cover.line()

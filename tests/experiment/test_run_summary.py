@@ -153,6 +153,12 @@ def test_exclude_counts_the_masked_layers(tmp_path):
     assert summary["sparsity"] == 0.5
     assert summary["sparsity_including_dense"] == pytest.approx(512 / 1184)
     assert [layer["masked"] for layer in summary["layers"]] == [True, False]
+    cover = summary["coverage"]
+    assert cover["masked_layers"] == 1 and cover["masked_parameters"] == 1024
+    assert [(d["name"], d["reason"]) for d in cover["dense_layers"]] == [("net.3", "excluded")]
+    params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(".mask"))
+    assert cover["parameters"] == params
+    assert cover["share_not_masked"] == pytest.approx(1 - 1024 / params)
 
 
 def test_shares_the_monitors_trace(tmp_path, monkeypatch):
@@ -209,6 +215,7 @@ def test_prints_the_table(tmp_path, capsys):
     assert "sparsity" in out and "0.2297" in out
     assert "active_connections  912" in out
     assert "net.1" in out and "16x64" in out and "0.2500" in out
+    assert "coverage" in out and "2 of 2 weight layers masked" in out
     assert f"summary written to {callback.path}" in out
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scl_lightning.nn import (
+    DenseLayersWarning,
     MaskedConv2d,
     MaskedLinear,
     export_pruned,
@@ -209,10 +210,12 @@ def test_sparsify_leaves_a_tied_layer_dense_with_one_line():
     model = TinyLM()
     ids = torch.randint(0, 11, (2, 7))
     with pytest.warns(
-        UserWarning, match=r"1 layer\(s\) left dense.*lm_head \(weight tied to wte.weight\)"
+        DenseLayersWarning,
+        match=r"Left dense: .*weight tied to another module \[1, 0.0%\]: lm_head \(tied to "
+        r"wte.weight\)",
     ) as rec:
         sparsify(model)
-    assert len([w for w in rec if "left dense" in str(w.message)]) == 1
+    assert len([w for w in rec if "Left dense" in str(w.message)]) == 1
     assert [name for name, _ in masked_modules(model)] == ["mlp"]
     assert model.lm_head.weight is model.wte.weight
     _prune_half(model)
@@ -233,7 +236,9 @@ def test_only_tied_layers_is_an_error_naming_them():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(
-            ValueError, match=r"\(1 layer\(s\) left dense: out \(weight tied to emb.weight\)\)"
+            ValueError,
+            match=r"\(2 weight layer\(s\) left dense: emb \(not a Linear or convolution: "
+            r"Embedding\), out \(weight tied to another module: tied to emb.weight\)\)",
         ):
             sparsify(Head())
 
@@ -262,12 +267,12 @@ def test_flops_of_a_layer_read_functionally_are_its_own():
 def test_a_weight_made_by_a_hook_is_left_dense_and_named():
     """spectral_norm keeps ``weight_orig`` and recomputes ``weight`` before every forward."""
     model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.warns(UserWarning, match=r"left dense.*0 \(weight computed by a hook"):
+    with pytest.warns(DenseLayersWarning, match=r"weight made by a hook \[1, .*\]: 0 \(made by"):
         sparsify(model)
     assert [name for name, _ in masked_modules(model)] == ["2"]
     assert type(model[0]) is nn.Linear
     model(torch.randn(3, 4))  # still runs
-    with pytest.raises(TypeError, match="computed by a hook"):
+    with pytest.raises(TypeError, match="absent or computed by a hook"):
         MaskedLinear.from_dense(model[0])
     assert type(model[0]) is nn.Linear
 

@@ -12,7 +12,6 @@ from scl_lightning.nn.masked import (
     MaskedLinear,
 )
 from scl_lightning.nn.sparsify import (
-    MASKED_CLASSES,
     export_pruned,
     mask_spec,
     maskable_modules,
@@ -21,6 +20,8 @@ from scl_lightning.nn.sparsify import (
     sparsify_like,
 )
 from scl_lightning.nn.ste import HardtanhSTE, LeakyReLUSTE, SoftplusSTE
+
+DENSE_CLASSES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class Zoo(nn.Module):
@@ -65,6 +66,8 @@ ZOO_MASKABLE = [
     "blocks.b.0.0",
     "seq1d",
     "vol",
+    "attn",
+    "attn.out_proj",
     "layers.0",
     "layers.2",
     "head",
@@ -105,8 +108,8 @@ def test_sparsify_converts_exactly_the_maskable_layers():
     assert type(model.up) is nn.ConvTranspose2d
     assert type(model.emb) is nn.Embedding
     assert type(model.layers[1]) is nn.LayerNorm
-    assert type(model.attn) is nn.MultiheadAttention
-    assert not isinstance(model.attn.out_proj, MaskedLayer)
+    assert isinstance(model.attn, nn.MultiheadAttention) and isinstance(model.attn, MaskedLayer)
+    assert isinstance(model.attn.out_proj, MaskedLinear)
     mask_names = {n for n, _ in model.named_parameters() if n.endswith("mask")}
     assert mask_names == {f"{n}.mask" for n in ZOO_MASKABLE}
     # Biases never masked: exactly one mask per weight.
@@ -132,7 +135,7 @@ def test_outputs_unchanged_and_pretrained_parameters_kept():
         assert (module.mask == 0.25).all()
 
 
-def test_multihead_attention_still_works_and_is_not_masked():
+def test_multihead_attention_is_masked_in_and_out_and_still_computes_the_same():
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("attn", nn.MultiheadAttention(8, 2, batch_first=True))
@@ -140,12 +143,26 @@ def test_multihead_attention_still_works_and_is_not_masked():
     x = torch.randn(2, 3, 8)
     ref, _ = model.attn(x, x, x)
     sparsify(model)
-    assert [n for n, _ in masked_modules(model)] == ["proj"]
-    assert type(model.attn.out_proj) is not MaskedLinear
+    assert [n for n, _ in masked_modules(model)] == ["attn", "attn.out_proj", "proj"]
+    assert model.attn.mask.shape == model.attn.raw_weight.shape == (24, 8)
+    assert "attn.in_proj_weight" in model.state_dict() and not hasattr(model.attn, "weight")
     out, _ = model.attn(x, x, x)
-    assert torch.equal(out, ref)
+    torch.testing.assert_close(out, ref)
     out.sum().backward()
-    assert model.attn.out_proj.weight.grad is not None
+    assert model.attn.raw_weight.grad is not None and model.attn.mask.grad is not None
+    assert model.attn.out_proj.mask.grad is not None
+    # the masks act, on the training path and on the eval fast path alike
+    with torch.no_grad():
+        model.attn.mask[16:].fill_(-1.0)  # every value projection off: values are the bias
+        model.attn.out_proj.mask[0].fill_(-1.0)
+    slow, _ = model.attn(x, x, x)
+    v_bias = model.attn.in_proj_bias[16:]
+    expected = model.attn.out_proj(v_bias.expand(2, 3, 8))
+    torch.testing.assert_close(slow, expected)
+    model.eval()
+    with torch.no_grad():
+        fast, _ = model.attn(x, x, x)
+    torch.testing.assert_close(fast, expected.detach())
 
 
 def test_masked_layer_masks_actually_change_zoo_output():
@@ -179,7 +196,7 @@ def test_exclude_patterns(exclude, excluded):
     assert [n for n, _ in masked_modules(model)] == [n for n in ZOO_MASKABLE if n not in excluded]
     modules = dict(model.named_modules())
     for name in excluded:
-        assert type(modules[name]) in MASKED_CLASSES, name
+        assert type(modules[name]) in DENSE_CLASSES, name
 
 
 def test_exclude_does_not_match_prefix_of_other_names():
@@ -235,12 +252,12 @@ def test_second_call_masks_previously_excluded_layers():
         nn.Sequential(nn.BatchNorm1d(3), nn.ReLU()),
         nn.Embedding(4, 2),
         nn.ConvTranspose2d(1, 1, 2),
-        nn.MultiheadAttention(4, 1),
+        nn.Bilinear(2, 2, 2),
         nn.Sequential(),
     ],
 )
 def test_nothing_to_mask_errors(model):
-    with pytest.raises(ValueError, match=r"no nn\.Linear"):
+    with pytest.raises(ValueError, match=r"no Linear or convolution layer to mask"):
         sparsify(model)
 
 
@@ -395,7 +412,7 @@ def test_export_pruned_roundtrip(factory, x_shape):
         assert not hasattr(module, "mask") and not hasattr(module, "ste")
     for name, module in plain.named_modules():
         if name in masks_before:
-            assert type(module) in MASKED_CLASSES
+            assert type(module) in DENSE_CLASSES
     assert not any("mask" in k for k in plain.state_dict())
     # Pruned weights are exactly zero, kept weights unchanged.
     plain_modules = dict(plain.named_modules())
@@ -548,7 +565,7 @@ def test_sparsify_like_masks_a_shared_layer_once():
     ("spec", "match"),
     [
         ({"9": {}}, r"^Sequential has no layer '9' to mask; Sequential is not the network that"),
-        ({"1": {}}, r"^Sequential.1 is a ReLU, not an nn.Linear or nn.Conv1d/2d/3d to mask; "),
+        ({"1": {}}, r"^Sequential.1 is a ReLU, not a layer sparsify masks \(no weight\); "),
         ({"0": {"ste": "mine"}}, r"layer '0': unknown STE 'mine'.*register_ste"),
         ({"0": {"granularity": "row"}}, r"granularity must be one of"),
     ],

@@ -87,7 +87,12 @@ class MaskGradientNormalization(Callback):
             grad = layer.mask.grad
             if grad is not None:
                 normalize_mask_gradient(
-                    grad, self.mode, self.eps, granularity=layer.granularity, inplace=True
+                    grad,
+                    self.mode,
+                    self.eps,
+                    granularity=layer.granularity,
+                    inplace=True,
+                    feature_dim=layer.out_dim,
                 )
 
     def __repr__(self) -> str:

@@ -10,6 +10,7 @@ callback through ``configure_callbacks``, so the two faces of SCL cannot drift a
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ from scl_lightning.callbacks.mask_group import (
 )
 from scl_lightning.callbacks.sparsity_monitor import SparsityMonitor
 from scl_lightning.nn.collapse import LayerCollapseGuard
+from scl_lightning.nn.coverage import Coverage, DenseLayersWarning, coverage, mark_unread
 from scl_lightning.nn.flops import FlopCounts, example_for, flop_counts
 from scl_lightning.nn.masked import MaskedLayer, validate_granularity, validate_mask_init
 from scl_lightning.nn.normalize import normalize_mask_gradient, validate_norm_mode
@@ -356,13 +358,16 @@ class SparseConnectivityLearning(Callback):
             pl_module.configure_model()
         net = self._network(pl_module)
         if self.sparsify and not any(True for _ in masked_modules(net)):
-            sparsify(
-                net,
-                exclude=self.exclude,
-                mask_init=self.mask_init,
-                ste=self.ste,
-                granularity=self.granularity,
-            )
+            with warnings.catch_warnings():
+                # the same line comes at fit start (`coverage`), with the exclusions known
+                warnings.simplefilter("ignore", DenseLayersWarning)
+                sparsify(
+                    net,
+                    exclude=self.exclude,
+                    mask_init=self.mask_init,
+                    ste=self.ste,
+                    granularity=self.granularity,
+                )
         self.collect_layers(net)
 
     def collect_layers(self, network: nn.Module) -> None:
@@ -375,7 +380,10 @@ class SparseConnectivityLearning(Callback):
         """
         refuse_tied(network, "SparseConnectivityLearning")
         self._frozen = set()
+        self._network_ref = network
         named = list(masked_modules(network))
+        for _, layer in named:
+            mark_unread(layer, False)  # checked again at the first training step
         self._layers = {id(layer.mask): layer for _, layer in named}
         self._names = {id(layer.mask): name for name, layer in named}
         self._total = sum(layer.connections for layer in self._layers.values())
@@ -395,6 +403,7 @@ class SparseConnectivityLearning(Callback):
                 "SparseConnectivityLearning needs the module to configure an optimizer"
             )
         if self._layers:
+            self._announce_coverage()
             self._attach_mask_groups(trainer, optimizers)
             self._wrap_gradient_clipping(pl_module)
             self._warn_if_too_short(trainer, optimizers)
@@ -412,6 +421,26 @@ class SparseConnectivityLearning(Callback):
         )
         if self._monitoring:
             self.monitor.on_fit_start(trainer, pl_module)
+
+    def coverage(self) -> Coverage | None:
+        """What SCL covers in the trained network (:func:`~scl_lightning.nn.coverage`): the
+        masked layers, each weight layer left dense and why (``exclude``, an unsupported type,
+        a tied weight, a weight read outside the mask), and the share of the parameters no
+        mask governs; ``None`` before ``setup``."""
+        network = getattr(self, "_network_ref", None)
+        return None if network is None else coverage(network, self.exclude)
+
+    def _announce_coverage(self) -> None:
+        """One line at fit start: a warning when a Linear or convolution layer is dense for
+        another reason than ``exclude``, an info line otherwise."""
+        cover = self.coverage()
+        if cover is None:
+            return
+        line = cover.line("SparseConnectivityLearning")
+        if any(d.reason not in ("excluded", "other") for d in cover.dense):
+            rank_zero_warn(line, category=DenseLayersWarning)
+        else:
+            rank_zero_info(line)
 
     def _warn_if_too_short(
         self, trainer: pl.Trainer, optimizers: list[torch.optim.Optimizer]
@@ -567,7 +596,12 @@ class SparseConnectivityLearning(Callback):
                 layer.ste.add_proxy_(mask.grad, mask, scale)
             if mask.grad is not None and mode != "none":
                 normalize_mask_gradient(
-                    mask.grad, mode, eps, granularity=layer.granularity, inplace=True
+                    mask.grad,
+                    mode,
+                    eps,
+                    granularity=layer.granularity,
+                    inplace=True,
+                    feature_dim=layer.out_dim,
                 )
 
     # -- lambda control ---------------------------------------------------------------------
@@ -783,7 +817,9 @@ class SparseConnectivityLearning(Callback):
             for key in unread:
                 # frozen as `drop_mask_grads` freezes (requires_grad stays: DDP needs the same
                 # parameters to receive gradients on every step); the optimizer skips them
-                self._layers.pop(key).mask.fill_(self.mask_init)
+                layer = self._layers.pop(key)
+                layer.mask.fill_(self.mask_init)
+                mark_unread(layer)  # dense in `coverage` and the run summary
                 self._names.pop(key)
                 self._frozen.add(key)
         self._total = sum(layer.connections for layer in self._layers.values())

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from scl_lightning._utils import next_free_path
 from scl_lightning.deploy.export import atomic_file
+from scl_lightning.nn.coverage import coverage
 from scl_lightning.nn.flops import example_from_batch, flop_counts
 from scl_lightning.nn.stats import connectivity
 
@@ -89,6 +90,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     width = max(len(k) for k in keys)
     lines = ["SCL run summary", "-" * 40]
     lines += [f"{k:<{width}}  {fmt(k, summary.get(k))}" for k in keys if k in summary]
+    cover = summary.get("coverage")
+    if cover:
+        dense = cover["dense_layers"]
+        layers = cover["masked_layers"] + len(dense)
+        lines.append(
+            f"{'coverage':<{width}}  {cover['masked_layers']} of {layers} weight layers masked, "
+            f"{cover['share_not_masked']:.1%} of parameters not under SCL"
+        )
+        lines += [f"  dense: {d['name'] or '(root)'} ({d['reason']}: {d['detail']})" for d in dense]
     layers = summary.get("layers") or []
     if layers:
         name_w = max(5, *(len(layer["name"]) for layer in layers))
@@ -114,8 +124,11 @@ class RunSummary(Callback):
     :class:`~scl_lightning.nn.Connectivity` defines them), ``sparsity_including_dense``,
     ``dense_flops`` and ``effective_flops`` (one sample, fvcore's convention; the same trace as
     :class:`~scl_lightning.callbacks.SparsityMonitor`'s), ``seed`` (from ``seed_everything``),
-    ``epochs``, ``global_step``, ``train_time_s``, ``metrics`` (every scalar ``val*``/``test*``
-    metric the module logged, under its own name) and one entry per maskable layer. Dense models
+    ``coverage`` (:meth:`scl_lightning.nn.Coverage.as_dict`: masked layers, each weight layer
+    left dense with why, the share of the parameters not under SCL; ``None`` for a network with
+    no maskable layer), ``epochs``, ``global_step``, ``train_time_s``, ``metrics`` (every
+    scalar ``val*``/``test*`` metric the module logged, under its own name) and one entry per
+    maskable layer. Dense models
     report sparsity 0. The run directory is ``trainer.log_dir`` (the first logger's version
     directory); an existing file is never overwritten: a numbered name is used instead.
 
@@ -231,6 +244,7 @@ class RunSummary(Callback):
             global_step=trainer.global_step,
             train_time_s=round(time.perf_counter() - self._start, 2) if self._start else None,
             metrics=_scalars(metrics, ("val", "test")),
+            coverage=coverage(pl_module).as_dict() if conn.layers else None,
             layers=[
                 {
                     "name": c.name,

@@ -1,6 +1,13 @@
 """Plain-torch SCL building blocks (no Lightning imports): estimators, masked layers, stats."""
 
 from scl_lightning.nn.collapse import LayerCollapseGuard, LayerCollapseWarning
+from scl_lightning.nn.coverage import Coverage, DenseLayer, DenseLayersWarning, coverage
+from scl_lightning.nn.maskable import (
+    MaskableType,
+    maskable_type,
+    maskable_types,
+    register_maskable,
+)
 from scl_lightning.nn.masked import (
     GRANULARITIES,
     MaskedConv1d,
@@ -8,6 +15,7 @@ from scl_lightning.nn.masked import (
     MaskedConv3d,
     MaskedLayer,
     MaskedLinear,
+    masked_class,
 )
 from scl_lightning.nn.normalize import (
     NORMALIZERS,
@@ -15,7 +23,6 @@ from scl_lightning.nn.normalize import (
     normalize_per_feature,
 )
 from scl_lightning.nn.sparsify import (
-    MASKED_CLASSES,
     export_pruned,
     mask_spec,
     maskable_modules,
@@ -51,16 +58,19 @@ from scl_lightning.nn.ste import (
 
 __all__ = [
     "GRANULARITIES",
-    "MASKED_CLASSES",
     "NORMALIZERS",
     "STE",
     "Connectivity",
+    "Coverage",
+    "DenseLayer",
+    "DenseLayersWarning",
     "HardtanhSTE",
     "IdentitySTE",
     "LayerCollapseGuard",
     "LayerCollapseWarning",
     "LayerConnectivity",
     "LeakyReLUSTE",
+    "MaskableType",
     "MaskedConv1d",
     "MaskedConv2d",
     "MaskedConv3d",
@@ -70,6 +80,7 @@ __all__ = [
     "available_stes",
     "connection_count",
     "connectivity",
+    "coverage",
     "export_pruned",
     "get_ste",
     "global_sparsity",
@@ -79,10 +90,14 @@ __all__ = [
     "layer_sparsity",
     "mask_spec",
     "maskable_modules",
+    "maskable_type",
+    "maskable_types",
+    "masked_class",
     "masked_modules",
     "masked_weight",
     "normalize_mask_gradient",
     "normalize_per_feature",
+    "register_maskable",
     "register_ste",
     "sparsify",
     "sparsify_like",

@@ -10,6 +10,7 @@ the fraction of its connections that are active. Layers that are not masked coun
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import warnings
 import weakref
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from scl_lightning.nn.maskable import layer_weight
 from scl_lightning.nn.masked import MaskedLayer
 from scl_lightning.nn.outputs import named_outputs
 from scl_lightning.nn.sparsify import maskable_modules
@@ -150,6 +152,10 @@ def count_flops(model: nn.Module, example_input: Tensor | tuple[Any, ...]) -> Fl
     fvcore_logger.setLevel(logging.ERROR)
     # registered before fvcore's own scope hooks, so they and the tracer see the flat outputs
     flatten = model.register_forward_hook(_traceable_outputs)
+    # `nn.MultiheadAttention`'s fused inference kernel is opaque to fvcore: trace its
+    # products (projections, attention) instead
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         model.eval()
         with dense_view(model):
@@ -162,50 +168,80 @@ def count_flops(model: nn.Module, example_input: Tensor | tuple[Any, ...]) -> Fl
             by_module = analysis.by_module()
             total = int(analysis.total())
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         flatten.remove()
         for module, mode in modes:
             module.training = mode
         fvcore_logger.setLevel(level)
-    layers = {name: int(by_module.get(name, 0)) for name, _ in maskable_modules(model)}
+    maskable = list(maskable_modules(model))
+    layers = {name: int(by_module.get(name, 0)) for name, _ in maskable}
     modules = {name: int(flops) for name, flops in by_module.items()}
     # A layer whose weight the network reads itself (`F.linear(x, self.qkv.weight)`) is never
-    # called, and fvcore books its multiply-adds to the caller: count them where they are.
-    unseen = [name for name, flops in layers.items() if flops == 0]
+    # called, and fvcore books its multiply-adds to the caller; a layer type whose module does
+    # more than its product with the weight (`nn.MultiheadAttention`: attention itself) would
+    # be priced for all of it. Count those where the weight is read.
+    unseen = [name for name, module in maskable if layers[name] == 0 or not _plain_layer(module)]
     if unseen:
         found = _functional_flops(model, inputs, unseen, modes)
-        layers.update(found)
-        modules.update(found)
+        for name in unseen:
+            layers[name] = found.get(name, 0)
+            if not modules.get(name):
+                modules[name] = layers[name]
     return FlopCounts(total=total, layers=layers, modules=modules)
 
 
-class _WeightReads(torch.overrides.TorchFunctionMode):
-    """Multiply-adds of the linear and convolution calls whose weight is one of ``weights``
-    (``id(parameter) -> layer name``): each output element costs the weight's fan-in."""
+def _plain_layer(module: nn.Module) -> bool:
+    """A Linear or convolution whose module FLOPs are its weight's: fvcore's count is right."""
+    dense = module.dense_cls if isinstance(module, MaskedLayer) else type(module)
+    return issubclass(dense, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
-    FUNCTIONS = frozenset(
-        {
-            torch.nn.functional.linear,
-            torch.nn.functional.conv1d,
-            torch.nn.functional.conv2d,
-            torch.nn.functional.conv3d,
-        }
-    )
+
+class _WeightReads(torch.overrides.TorchFunctionMode):
+    """Multiply-adds of the products whose weight is (a view of) one of ``weights``
+    (``storage pointer -> layer name``): linear, convolutions, and the matrix products
+    (``addmm``, ``mm``, ``matmul``) of layers that store their weight ``(in, out)``; each
+    output element costs the product's inner dimension."""
 
     def __init__(self, weights: dict[int, str]) -> None:
         super().__init__()
         self.weights = weights
         self.flops: dict[str, int] = {}
 
+    def _name(self, value: Any) -> str | None:
+        if not isinstance(value, Tensor) or value.dim() < 2:
+            return None
+        return self.weights.get(value.untyped_storage().data_ptr())
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in self.FUNCTIONS:
+        if not isinstance(out, Tensor):
+            return out
+        inner = name = None
+        if func in _LINEAR_CONV:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            name = self.weights.get(id(weight))
-            if name is not None and isinstance(out, Tensor):
-                fan_in = weight.numel() // max(int(weight.shape[0]), 1)
-                self.flops[name] = self.flops.get(name, 0) + out.numel() * fan_in
+            name = self._name(weight)
+            if name is not None:
+                inner = weight.numel() // max(int(weight.shape[0]), 1)
+        elif func in _PRODUCTS:
+            a, b = (args[1], args[2]) if func is torch.addmm else (args[0], args[1])
+            name = self._name(b) or self._name(a)
+            if name is not None and isinstance(a, Tensor):
+                inner = int(a.shape[-1])
+        if name is not None and inner is not None:
+            self.flops[name] = self.flops.get(name, 0) + out.numel() * inner
         return out
+
+
+_LINEAR_CONV = frozenset(
+    {
+        torch.nn.functional.linear,
+        torch.nn.functional.conv1d,
+        torch.nn.functional.conv2d,
+        torch.nn.functional.conv3d,
+    }
+)
+_PRODUCTS = frozenset({torch.addmm, torch.mm, torch.matmul, Tensor.matmul, Tensor.__matmul__})
 
 
 def _functional_flops(
@@ -214,18 +250,53 @@ def _functional_flops(
     names: list[str],
     modes: list[tuple[nn.Module, bool]],
 ) -> dict[str, int]:
-    """FLOPs of the maskable layers ``names`` from their weights' reads in one forward pass."""
+    """FLOPs of the maskable layers ``names`` from their weights' reads in one forward pass
+    (views of a weight count for it: ``nn.MultiheadAttention`` splits ``in_proj_weight``)."""
     modules = dict(model.named_modules())
-    weights = {id(modules[name]._parameters["weight"]): name for name in names}
+    weights = {layer_weight(modules[name]).untyped_storage().data_ptr(): name for name in names}
     reads = _WeightReads(weights)
+    # `nn.MultiheadAttention` computes its products inside a function the mode above cannot
+    # look into (it dispatches through `handle_torch_function`): counted from its inputs
+    hooks = []
+    for name, module in modules.items():
+        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            wanted = {n: n in names for n in (name, f"{name}.out_proj" if name else "out_proj")}
+            if any(wanted.values()):
+                hooks.append(
+                    module.register_forward_pre_hook(
+                        functools.partial(_attention_flops, reads.flops, wanted),
+                        with_kwargs=True,
+                    )
+                )
     try:
         model.eval()
-        with dense_view(model), torch.no_grad(), reads:
+        with dense_view(model), reads:
             model(*inputs)
     finally:
+        for hook in hooks:
+            hook.remove()
         for module, mode in modes:
             module.training = mode
     return reads.flops
+
+
+def _attention_flops(
+    flops: dict[str, int],
+    wanted: dict[str, bool],
+    module: nn.MultiheadAttention,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    """Multiply-adds of an attention's packed input projection (q, k and v tokens each times
+    ``E x E``) and of its output projection (q tokens times ``E x E``)."""
+    given = dict(zip(("query", "key", "value"), args, strict=False)) | kwargs
+    e = module.embed_dim
+    tokens = [given[k].numel() // e for k in ("query", "key", "value")]
+    (in_name, in_wanted), (out_name, out_wanted) = wanted.items()
+    if in_wanted:
+        flops[in_name] = flops.get(in_name, 0) + sum(tokens) * e * e
+    if out_wanted:
+        flops[out_name] = flops.get(out_name, 0) + tokens[0] * e * e
 
 
 def maskable_connectivity(model: nn.Module) -> dict[str, tuple[int, int]]:

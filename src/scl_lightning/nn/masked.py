@@ -57,6 +57,7 @@ __all__ = [
     "MaskedLayer",
     "MaskedLinear",
     "mask_shape",
+    "masked_class",
     "validate_granularity",
     "validate_mask_init",
 ]
@@ -87,19 +88,24 @@ def validate_granularity(granularity: str) -> str:
     return granularity
 
 
-def mask_shape(weight_shape: tuple[int, ...] | torch.Size, granularity: str) -> tuple[int, ...]:
-    """The shape of the mask of a weight of ``weight_shape``: the same (``"weight"``), or
-    ``(out, 1, ...)`` (``"channel"``: one mask per output unit, broadcast over its fan-in).
+def mask_shape(
+    weight_shape: tuple[int, ...] | torch.Size, granularity: str, out_dim: int = 0
+) -> tuple[int, ...]:
+    """The shape of the mask of a weight of ``weight_shape``: the same (``"weight"``), or 1
+    everywhere but along the output dimension ``out_dim`` (``"channel"``: one mask per output
+    unit, broadcast over its fan-in).
 
     Example::
 
         >>> mask_shape((16, 3, 5, 5), "channel")
         (16, 1, 1, 1)
+        >>> mask_shape((768, 2304), "channel", out_dim=1)  # transformers' Conv1D: (in, out)
+        (1, 2304)
     """
     shape = tuple(weight_shape)
     if validate_granularity(granularity) == "weight":
         return shape
-    return shape[:1] + (1,) * (len(shape) - 1)
+    return tuple(size if d == out_dim else 1 for d, size in enumerate(shape))
 
 
 class MaskedLayer:
@@ -113,6 +119,11 @@ class MaskedLayer:
     mask: nn.Parameter
     ste: STE
     dense_cls: type[nn.Module]
+    #: the name of the masked parameter (``"weight"``; ``"in_proj_weight"`` for
+    #: ``nn.MultiheadAttention``) and the dimension of the weight that holds the output units
+    #: (``0``; ``1`` for transformers' ``Conv1D``, whose weight is ``(in, out)``)
+    weight_name: str = "weight"
+    out_dim: int = 0
     #: ``"weight"`` or ``"channel"`` (see the module's docstring); a class default so layers
     #: pickled before the option existed load as what they were
     granularity: str = "weight"
@@ -129,7 +140,7 @@ class MaskedLayer:
         if granularity == "weight":
             mask = torch.full_like(weight, mask_init, dtype=dtype, requires_grad=False)
         else:
-            shape = mask_shape(weight.shape, granularity)
+            shape = mask_shape(weight.shape, granularity, self.out_dim)
             mask = torch.full(shape, mask_init, dtype=dtype, device=weight.device)
         self.register_parameter("mask", nn.Parameter(mask))  # type: ignore[attr-defined]
 
@@ -137,16 +148,25 @@ class MaskedLayer:
     def raw_weight(self) -> nn.Parameter:
         """The stored weight ``w``, unmasked: the parameter that state dicts, checkpoints and
         optimizers hold under the name ``weight``. Initialize or edit the weight through it."""
-        weight = self._parameters.get("weight")  # type: ignore[attr-defined]
+        weight = self._parameters.get(self.weight_name)  # type: ignore[attr-defined]
         if weight is None:  # the parent's __init__ asks `hasattr` before registering it
-            raise AttributeError(f"{type(self).__name__} has no weight yet")
+            raise AttributeError(f"{type(self).__name__} has no {self.weight_name} yet")
         return cast(nn.Parameter, weight)
 
     @property
     def weight(self) -> Tensor:
         """The effective weight ``w * H(mask)`` (:meth:`effective_weight`), computed anew on
         each read, wherever it is read: by the layer's own ``forward`` and by any code that
-        reads ``module.weight``. The stored weight is :attr:`raw_weight`."""
+        reads ``module.weight``. The stored weight is :attr:`raw_weight`. (A layer type whose
+        masked parameter has another name, ``nn.MultiheadAttention``'s ``in_proj_weight``,
+        reads it under that name; see :func:`~scl_lightning.nn.register_maskable`.)"""
+        return self._masked_read()
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        self._refuse_write(value)
+
+    def _masked_read(self) -> Tensor:
         if "mask" not in self._parameters or self.__dict__.get("_unmasked"):  # type: ignore[attr-defined]
             # being built (the parent's __init__ and reset_parameters initialize the stored
             # weight in place through this name), or reset_parameters now
@@ -165,14 +185,13 @@ class MaskedLayer:
         except AttributeError as err:
             # Python would otherwise fall back to nn.Module.__getattr__, which returns the
             # stored weight: the mask would silently stop acting
-            raise RuntimeError(f"{type(self).__name__}.weight: {err}") from err
+            raise RuntimeError(f"{type(self).__name__}.{self.weight_name}: {err}") from err
 
-    @weight.setter
-    def weight(self, value: Tensor) -> None:
-        # nn.Module.__setattr__ registers an nn.Parameter (or None) under "weight" itself and
+    def _refuse_write(self, value: Tensor) -> None:
+        # nn.Module.__setattr__ registers an nn.Parameter (or None) under the name itself and
         # never calls this; only a plain tensor for a layer without a weight gets here
         raise TypeError(
-            f"{type(self).__name__}.weight: assign an nn.Parameter, or write into "
+            f"{type(self).__name__}.{self.weight_name}: assign an nn.Parameter, or write into "
             f"layer.raw_weight, not a {type(value).__name__}"
         )
 
@@ -313,11 +332,11 @@ class MaskedLayer:
                 f"{cls.__name__}.from_dense expects exactly {cls.dense_cls.__name__}, "
                 f"got {type(module).__name__}"
             )
-        if not isinstance(module._parameters.get("weight"), nn.Parameter):
+        if not isinstance(module._parameters.get(cls.weight_name), nn.Parameter):
             raise TypeError(
-                f"{cls.__name__}.from_dense needs a layer whose weight is an nn.Parameter; this "
-                f"{type(module).__name__}'s weight is computed by a hook (spectral_norm or "
-                "weight_norm) and a mask on it would not act"
+                f"{cls.__name__}.from_dense needs a layer whose {cls.weight_name} is an "
+                f"nn.Parameter of its own; this {type(module).__name__}'s is absent or computed "
+                "by a hook (spectral_norm or weight_norm), and a mask on it would not act"
             )
         get_ste(ste)  # a bad estimator fails before the class changes
         module.__class__ = cls  # type: ignore[assignment]
@@ -325,10 +344,20 @@ class MaskedLayer:
         return module
 
     def extra_repr(self) -> str:
-        extra = super().extra_repr() + f", ste={self.ste!r}"  # type: ignore[misc]
+        parent = super().extra_repr()  # type: ignore[misc]
+        extra = (f"{parent}, " if parent else "") + f"ste={self.ste!r}"
         if self.granularity != "weight":
             extra += f", granularity={self.granularity!r}"
         return extra
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # A class made by `masked_class` for another layer type exists only once something
+        # asked for it: pickled (torch.save of a whole model, deepcopy), it is named by what
+        # makes it again, the dense class (pickled by reference) and the weight's layout.
+        cls = type(self)
+        if not cls.__dict__.get("_generated"):
+            return super().__reduce_ex__(protocol)
+        return (_new_masked, (cls.dense_cls, cls.weight_name, cls.out_dim), self.__getstate__())
 
 
 class MaskedLinear(MaskedLayer, nn.Linear):
@@ -416,3 +445,73 @@ class MaskedConv3d(_MaskedConvNd, nn.Conv3d):
     ``ste`` and ``granularity`` (see :class:`MaskedLinear`)."""
 
     dense_cls = nn.Conv3d
+
+
+_STATIC: dict[type[nn.Module], type[MaskedLayer]] = {
+    nn.Linear: MaskedLinear,
+    nn.Conv1d: MaskedConv1d,
+    nn.Conv2d: MaskedConv2d,
+    nn.Conv3d: MaskedConv3d,
+}
+_GENERATED: dict[tuple[type[nn.Module], str, int], type[MaskedLayer]] = {}
+
+
+def _no_weight(self: nn.Module) -> Tensor:
+    # the masked parameter has another name; `weight` stays what it was: absent
+    raise AttributeError("weight")
+
+
+def masked_class(
+    dense_cls: type[nn.Module], weight_name: str = "weight", out_dim: int = 0
+) -> type[MaskedLayer]:
+    """The masked class of ``dense_cls``, whose parameter ``weight_name`` is masked and holds
+    its output units along ``out_dim``: :class:`MaskedLinear` and :class:`MaskedConv1d/2d/3d`
+    for the torch classes, otherwise a subclass of ``dense_cls`` made once and reused (a
+    subclass of ``nn.Linear`` gets a subclass of :class:`MaskedLinear` and of itself, so both
+    ``isinstance`` checks hold). The layer's own ``forward`` is kept; it reads the masked
+    parameter through the property :meth:`MaskedLayer.weight` (or under ``weight_name``).
+
+    Which layers get one is decided by the registry
+    (:func:`~scl_lightning.nn.register_maskable`); this only makes the class.
+
+    Example::
+
+        >>> class MyLinear(nn.Linear):
+        ...     pass
+        >>> cls = masked_class(MyLinear)
+        >>> cls.__name__, issubclass(cls, MaskedLinear), issubclass(cls, MyLinear)
+        ('MaskedMyLinear', True, True)
+    """
+    static = _STATIC.get(dense_cls)
+    if static is not None and weight_name == "weight" and out_dim == 0:
+        return static
+    key = (dense_cls, weight_name, out_dim)
+    cls = _GENERATED.get(key)
+    if cls is not None:
+        return cls
+    base: type[MaskedLayer] = MaskedLayer
+    if weight_name == "weight" and out_dim == 0:
+        base = next((m for d, m in _STATIC.items() if issubclass(dense_cls, d)), MaskedLayer)
+    namespace: dict[str, Any] = {
+        "dense_cls": dense_cls,
+        "weight_name": weight_name,
+        "out_dim": out_dim,
+        "_generated": True,
+        "__module__": __name__,
+        "__doc__": f"``{dense_cls.__qualname__}`` with its ``{weight_name}`` masked: "
+        f"``w * H(m)`` (made by :func:`masked_class`).",
+    }
+    if weight_name != "weight":
+        namespace[weight_name] = property(MaskedLayer._masked_read, MaskedLayer._refuse_write)
+        namespace["weight"] = property(_no_weight)
+    cls = cast(
+        "type[MaskedLayer]", type(f"Masked{dense_cls.__name__}", (base, dense_cls), namespace)
+    )
+    _GENERATED[key] = cls
+    return cls
+
+
+def _new_masked(dense_cls: type[nn.Module], weight_name: str, out_dim: int) -> MaskedLayer:
+    """An empty instance of ``masked_class(...)``, for unpickling (its state follows)."""
+    cls = masked_class(dense_cls, weight_name, out_dim)
+    return cast(MaskedLayer, object.__new__(cls))

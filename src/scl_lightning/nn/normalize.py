@@ -98,13 +98,16 @@ def normalize_mask_gradient(
     *,
     granularity: str = "weight",
     inplace: bool = False,
+    feature_dim: int = 0,
 ) -> Tensor:
     """Normalize a masked layer's mask gradient as its granularity calls for.
 
     ``"weight"``: per feature (:func:`normalize_per_feature`). ``"channel"`` (one mask variable
     per feature, ``grad`` of shape ``(out, 1, ...)``): over the whole layer, as one feature, so
     that the ratios between units survive (per feature, each would become ``+-1``: sign SGD);
-    see the module's docstring.
+    see the module's docstring. ``feature_dim`` is the dimension of ``grad`` that holds the
+    features (the layer's ``out_dim``: 1 for transformers' ``Conv1D``, whose weight is
+    ``(in, out)``).
 
     Raises:
         ValueError: for an unknown ``mode``.
@@ -117,7 +120,11 @@ def normalize_mask_gradient(
                 [-0.8000]])
     """
     if granularity == "weight":
-        return normalize_per_feature(grad, mode, eps, inplace=inplace)
+        if feature_dim == 0:
+            return normalize_per_feature(grad, mode, eps, inplace=inplace)
+        moved = normalize_per_feature(grad.movedim(feature_dim, 0), mode, eps)
+        out = moved.movedim(0, feature_dim)
+        return grad.copy_(out) if inplace else out
     flat = grad.reshape(1, -1)  # a view of a contiguous gradient, a copy otherwise
     out = normalize_per_feature(flat, mode, eps, inplace=inplace)
     if not inplace:

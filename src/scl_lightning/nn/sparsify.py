@@ -7,24 +7,22 @@ import copy
 import fnmatch
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
 
+from scl_lightning.nn.maskable import layer_weight, maskable_type, masked_class_of
 from scl_lightning.nn.masked import (
-    MaskedConv1d,
-    MaskedConv2d,
-    MaskedConv3d,
     MaskedLayer,
-    MaskedLinear,
     validate_granularity,
     validate_mask_init,
 )
 from scl_lightning.nn.ste import STE, get_ste, step
 
 __all__ = [
-    "MASKED_CLASSES",
+    "DENSE_REASONS",
+    "classify_layers",
     "export_pruned",
     "mask_spec",
     "maskable_modules",
@@ -36,16 +34,6 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=nn.Module)
-
-#: Dense layer class -> masked class. Only these exact classes are converted: a subclass may
-#: transform its weight before using it (timm's ``StdConv2d`` standardizes it), and then a mask
-#: on the stored weight would not leave the pruned connections at zero.
-MASKED_CLASSES: dict[type[nn.Module], type[MaskedLayer]] = {
-    nn.Linear: MaskedLinear,
-    nn.Conv1d: MaskedConv1d,
-    nn.Conv2d: MaskedConv2d,
-    nn.Conv3d: MaskedConv3d,
-}
 
 
 def _normalize_patterns(exclude: str | Iterable[str]) -> tuple[str, ...]:
@@ -88,7 +76,7 @@ def tied_weights(model: nn.Module) -> dict[str, str]:
                 holders.setdefault(id(param), []).append((id(module), qualified))
     tied: dict[str, str] = {}
     for name, module in maskable_modules(model):
-        weight = module.raw_weight if isinstance(module, MaskedLayer) else module.weight
+        weight = layer_weight(module)
         others = [q for owner, q in holders.get(id(weight), ()) if owner != id(module)]
         if others:
             tied[name] = others[0]
@@ -110,10 +98,66 @@ def refuse_tied(model: nn.Module, who: str) -> None:
 
 
 def maskable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(qualified name, module)`` for every layer :func:`sparsify` would mask, masked or not."""
+    """``(qualified name, module)`` for every layer :func:`sparsify` would mask by its type
+    (:func:`~scl_lightning.nn.maskable_type`), masked or not."""
     for name, module in model.named_modules():
-        if isinstance(module, MaskedLayer) or type(module) in MASKED_CLASSES:
+        if isinstance(module, MaskedLayer):
+            yield name, cast(nn.Module, module)
+            continue
+        entry, reason = maskable_type(module)
+        if entry is not None and reason is None:
             yield name, module
+
+
+#: Why a layer stays dense, by category (the setup line groups layers by these)
+DENSE_REASONS: dict[str, str] = {
+    "excluded": "excluded by the user",
+    "unsupported": "unsupported type",
+    "other": "not a Linear or convolution",
+    "tied": "weight tied to another module",
+    "hook": "weight made by a hook",
+    "unread": "read outside the mask",
+}
+
+
+def classify_layers(
+    model: nn.Module, exclude: str | Iterable[str] = ()
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module, str, str]], set[str]]:
+    """What :func:`sparsify` would do with each weight layer of ``model``: ``(to mask,
+    left dense, matched patterns)``, the dense ones as ``(name, module, category, detail)``
+    with a category of :data:`DENSE_REASONS`. Masked layers are in neither list; a layer that
+    is ``exclude``d is ``"excluded"``, and with no pattern given, so is every maskable layer
+    left unmasked."""
+    patterns = _normalize_patterns(exclude)
+    tied = tied_weights(model)
+    to_mask: list[tuple[str, nn.Module]] = []
+    dense: list[tuple[str, nn.Module, str, str]] = []
+    matched: set[str] = set()
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, MaskedLayer) or id(module) in seen:
+            continue
+        entry, reason = maskable_type(module)
+        if entry is None and reason is None:
+            continue  # no weight
+        seen.add(id(module))
+        hit = None if reason is not None else _excluded(name, patterns)
+        if reason is not None:
+            # a registered type that cannot be masked as it is, or another kind of layer
+            category = "unsupported" if entry is not None else "other"
+            dense.append((name, module, category, reason))
+        elif hit is not None:
+            matched.add(hit)
+            dense.append((name, module, "excluded", f"pattern {hit!r}"))
+        elif name in tied:
+            dense.append((name, module, "tied", f"tied to {tied[name]}"))
+        elif not isinstance(module._parameters.get(entry.weight), nn.Parameter):  # type: ignore[union-attr]
+            # spectral_norm / the old weight_norm: the weight is recomputed by a hook from
+            # `weight_orig` before every forward, which a mask on it would not see
+            dense.append((name, module, "hook", "made by a hook (spectral_norm, weight_norm)"))
+        else:
+            to_mask.append((name, module))
+    return to_mask, dense, matched
 
 
 def masked_modules(model: nn.Module) -> Iterator[tuple[str, MaskedLayer]]:
@@ -139,19 +183,26 @@ def sparsify(
     ste_kwargs: Mapping[str, Any] | None = None,
     granularity: str = "weight",
 ) -> M:
-    """Give every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model`` a trainable mask, in place.
+    """Give every Linear and convolution layer of ``model`` a trainable mask, in place.
 
+    The layers masked are those of a registered type (:func:`~scl_lightning.nn.maskable`):
+    ``nn.Linear`` and ``nn.Conv1d/2d/3d`` and their subclasses, transformers' ``Conv1D`` and
+    ``nn.MultiheadAttention``'s packed input projection, and whatever
+    :func:`~scl_lightning.nn.register_maskable` adds. A subclass that overrides ``forward`` is
+    masked only if its output stays linear in the weight (checked once per class).
     Layers are converted in place (their class changes to the masked one and a ``mask``
     parameter is added), so weights, biases, dtype, device, hooks and references held elsewhere
     are all kept. Biases and every other layer type (normalization, embeddings, transposed
-    convolutions, subclasses of the above) are never masked. Calling it again masks only layers
-    that are still dense.
+    convolutions) are never masked. Calling it again masks only layers that are still dense.
+    When a Linear or convolution layer is left dense for another reason than ``exclude``, one
+    :class:`~scl_lightning.nn.DenseLayersWarning` lists them all, with why, and the share of
+    the parameters that is not under SCL (:func:`~scl_lightning.nn.coverage`).
 
     A masked layer's ``weight`` reads as ``w * H(m)`` wherever it is read (its own forward, or
     a functional ``F.linear(x, layer.weight)`` elsewhere). A layer whose weight parameter is
     also held by another module (:func:`tied_weights`, e.g. an output layer tied to the
-    embedding) is left dense, with a warning naming it: the other module reads the stored
-    weight, so the mask could not act there.
+    embedding) is left dense: the other module reads the stored weight, so the mask could
+    not act there.
 
     Args:
         model: any ``nn.Module``, including one written elsewhere with pretrained weights loaded.
@@ -191,32 +242,13 @@ def sparsify(
     granularity = validate_granularity(granularity)
     estimator = get_ste(ste, **dict(ste_kwargs or {}))
 
-    matched: set[str] = set()
-    to_convert: list[nn.Module] = []
-    already_masked = 0
-    differing: list[str] = []
-    tied = tied_weights(model)
-    left_tied: list[str] = []
-    for name, module in maskable_modules(model):
-        if isinstance(module, MaskedLayer):
-            already_masked += 1
-            theirs = (module.ste, getattr(module, "granularity", "weight"))
-            if theirs != (estimator, granularity):
-                differing.append(f"{name} ({theirs[0]!r}, {theirs[1]})")
-            continue
-        hit = _excluded(name, patterns)
-        if hit is not None:
-            matched.add(hit)
-            continue
-        if name in tied:
-            left_tied.append(f"{name} (weight tied to {tied[name]})")
-            continue
-        if not isinstance(module._parameters.get("weight"), nn.Parameter):
-            # spectral_norm / the old weight_norm: `weight` is recomputed by a hook from
-            # `weight_orig` before every forward, which a mask on `weight` would not see
-            left_tied.append(f"{name} (weight computed by a hook, e.g. spectral_norm)")
-            continue
-        to_convert.append(module)
+    already = list(masked_modules(model))
+    differing = []
+    for name, layer in already:
+        theirs = (layer.ste, getattr(layer, "granularity", "weight"))
+        if theirs != (estimator, granularity):
+            differing.append(f"{name} ({theirs[0]!r}, {theirs[1]})")
+    to_convert, dense, matched = classify_layers(model, patterns)
 
     if differing:
         shown = ", ".join(differing[:3]) + (
@@ -236,25 +268,25 @@ def sparsify(
             f"{type(model).__name__}; check the names with `model.named_modules()`",
             stacklevel=2,
         )
-    if left_tied:
-        warnings.warn(
-            f"sparsify: {len(left_tied)} layer(s) left dense, their weight being read or made "
-            f"where a mask cannot act: {', '.join(left_tied)}; a mask there would be counted as "
-            "pruning connections the network still uses",
-            stacklevel=2,
-        )
-    if not to_convert and not already_masked:
+    if not to_convert and not already:
         detail = f" after excluding {list(patterns)}" if patterns else ""
-        if left_tied:
-            detail += f" ({len(left_tied)} layer(s) left dense: {', '.join(left_tied)})"
+        left = [f"{n} ({DENSE_REASONS[c]}: {d})" for n, _, c, d in dense if c != "excluded"]
+        if left:
+            shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+            detail += f" ({len(left)} weight layer(s) left dense: {shown})"
         raise ValueError(
-            f"sparsify: {type(model).__name__} has no nn.Linear or nn.Conv1d/2d/3d layer to "
-            f"mask{detail}; SCL needs at least one (check the model or the exclude patterns)"
+            f"sparsify: {type(model).__name__} has no Linear or convolution layer to "
+            f"mask{detail}; SCL needs at least one (check the model or the exclude patterns, "
+            "or register a layer type with scl_lightning.nn.register_maskable)"
         )
-    for module in to_convert:
-        MASKED_CLASSES[type(module)].from_dense(
+    for _, module in to_convert:
+        masked_class_of(module).from_dense(
             module, mask_init=mask_init, ste=estimator, granularity=granularity
         )
+    if any(category not in ("excluded", "other") for _, _, category, _ in dense):
+        from scl_lightning.nn.coverage import DenseLayersWarning, coverage
+
+        warnings.warn(coverage(model).line("sparsify"), DenseLayersWarning, stacklevel=2)
     return model
 
 
@@ -297,7 +329,7 @@ def sparsify_like(model: M, spec: Mapping[str, Mapping[str, Any]]) -> M:
 
     Raises:
         ValueError: if ``spec`` names a layer ``model`` does not have, or one that is not an
-            ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (:func:`sparsify` masks only those), or an
+            layer :func:`sparsify` masks (:func:`~scl_lightning.nn.maskable_type`), or an
             estimator or granularity that is not known.
 
     Example::
@@ -324,10 +356,12 @@ def sparsify_like(model: M, spec: Mapping[str, Mapping[str, Any]]) -> M:
             raise ValueError(f"{network} has no layer {name!r} to mask; {other}") from None
         if isinstance(module, MaskedLayer) or id(module) in todo:
             continue
-        if type(module) not in MASKED_CLASSES:
+        kind, reason = maskable_type(module)
+        if kind is None or reason is not None:
             raise ValueError(
-                f"{network}.{name} is a {type(module).__name__}, not an nn.Linear or "
-                f"nn.Conv1d/2d/3d to mask; {other}"
+                f"{network}.{name} is a {type(module).__name__}, not a layer sparsify masks "
+                f"({reason or 'no weight'}); {other}, and register its layer types "
+                "(scl_lightning.nn.register_maskable) before loading"
             )
         try:
             estimator = get_ste(entry.get("ste", "identity"), **dict(entry.get("ste_kwargs") or {}))
@@ -339,7 +373,7 @@ def sparsify_like(model: M, spec: Mapping[str, Mapping[str, Any]]) -> M:
         granularity = validate_granularity(entry.get("granularity", "weight"))
         todo[id(module)] = (module, estimator, granularity)
     for module, estimator, granularity in todo.values():
-        MASKED_CLASSES[type(module)].from_dense(module, ste=estimator, granularity=granularity)
+        masked_class_of(module).from_dense(module, ste=estimator, granularity=granularity)
     return model
 
 

@@ -8,6 +8,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from scl_lightning.nn.maskable import layer_weight
 from scl_lightning.nn.masked import MaskedLayer
 from scl_lightning.nn.sparsify import maskable_modules, masked_modules
 
@@ -177,8 +178,7 @@ def connectivity(model: nn.Module) -> Connectivity:
     entries: list[tuple[str, tuple[int, ...], int, bool]] = []
     counts: list[Tensor] = []
     for name, module in maskable_modules(model):
-        weight = module.raw_weight if isinstance(module, MaskedLayer) else module.weight
-        weight = cast(Tensor, weight)
+        weight = layer_weight(module)
         masked = isinstance(module, MaskedLayer)
         entries.append((name, tuple(weight.shape), weight.numel(), masked))
         if masked:
