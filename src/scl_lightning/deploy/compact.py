@@ -38,6 +38,15 @@ that splits them over several dims, or read by a layer over another dim, is kept
 LayerNorm is not channel-wise (it mixes the features): in a ConvNeXt block the MLP after it is
 compacted, the depthwise convolution and the block output are kept.
 
+**Norms.** BatchNorm, InstanceNorm and a GroupNorm with one channel per group normalize each
+channel on its own; a GroupNorm with larger groups mixes them and ends the chain (reported).
+A fused norm-activation module (timm's ``BatchNormAct2d``, ``GroupNormAct``: a subclass of one
+of these norms whose child modules are only elementwise activations, dropout or identities) is
+traced whole and followed like the norm and activations it holds, its affine parameters and
+running statistics shrunk with the producer. Since a subclass's ``forward`` may compute
+anything, every norm is checked on a random input of the recorded shape: shrunk to every other
+channel, it must give those channels of its full output, or the chain ends there (reported).
+
 Removing outputs of ``P`` can leave inputs of ``P`` unread, so the passes repeat until nothing
 changes. What is not a chain is left as it is and reported with the reason: the network's input
 and output, a layer whose output feeds a residual addition or a concatenation, grouped
@@ -90,8 +99,16 @@ _ELEMENTWISE_FUNCTIONS = {
     torch.tanh,
 }
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
-#: one affine map per index of dim 1: channel-wise where dim 1 holds the features, in order
-_DIM1_MODULES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+#: normalize per index of dim 1: channel-wise where dim 1 holds the features, in order (a
+#: GroupNorm only with one channel per group; every one is checked on a random input, since a
+#: subclass may compute anything)
+_NORM_MODULES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+)
 #: pool over the last two dims: channel-wise where each such plane holds one feature
 _POOL_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool2d,
@@ -161,6 +178,24 @@ def _weight_layer(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups == 1
 
 
+def _fused_norm(module: nn.Module) -> bool:
+    """A norm (:data:`_NORM_MODULES`, or a subclass) whose child modules are all elementwise:
+    timm's ``BatchNormAct2d`` and ``GroupNormAct`` (a norm, then dropout and an activation in
+    one module). Traced whole, it is followed like the norm and the activations it holds."""
+    return isinstance(module, _NORM_MODULES) and all(
+        isinstance(child, _ELEMENTWISE_MODULES) for child in module.children()
+    )
+
+
+class _Tracer(fx.Tracer):
+    """``torch.fx``'s tracer, keeping fused norms whole: traced through, their ``forward``
+    would call ``F.batch_norm`` on attributes, which reads as a function of other values of the
+    network and ends every chain through them."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _fused_norm(m) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _feature_dim(layer: nn.Module, ndim: int) -> int:
     """The dim of an activation that holds a layer's features: a ``Linear`` computes and reads
     the last one (``(N, C)``, ``(N, T, C)``, channels-last ``(N, H, W, C)``), a ``Conv2d``
@@ -215,7 +250,7 @@ def _kind(node: fx.Node, current: fx.Node, modules: dict[str, nn.Module]) -> str
         module = modules[str(node.target)]
         if isinstance(module, _ELEMENTWISE_MODULES):
             return "elementwise"
-        if isinstance(module, _DIM1_MODULES):
+        if isinstance(module, _NORM_MODULES):
             return "dim1"
         if isinstance(module, _POOL_MODULES):
             return "pool"
@@ -258,9 +293,15 @@ def _follow(
     if kind == "elementwise":
         return features, ""
     if kind == "dim1":
+        norm = modules[name]
+        if isinstance(norm, nn.GroupNorm) and norm.num_groups != norm.num_channels:
+            size = norm.num_channels // norm.num_groups
+            return None, f"{name} normalizes its features in groups of {size} (GroupNorm)"
         columns = _columns(features, 1)
         if columns is None or not torch.equal(columns, torch.arange(channels).to(columns)):
             return None, f"{name} normalizes dim 1 of its output, which does not hold its features"
+        if not _acts_per_channel(norm, node, features.device):
+            return None, f"{name} does not compute each channel from that channel alone"
         return features, ""
     out_shape = _shape(node)
     if kind == "pool":
@@ -287,6 +328,30 @@ def _follow(
     if tuple(out.shape) != out_shape:
         return None, f"{name} moves its features in a way compact cannot follow"
     return out, ""
+
+
+def _acts_per_channel(norm: nn.Module, node: fx.Node, device: torch.device) -> bool:
+    """Whether ``norm`` (called at ``node``), shrunk to every other channel, gives those
+    channels of its output on a random input of the recorded shape: what compaction does to it,
+    checked on what its ``forward`` really computes (an instance norm given ``(N, C)``
+    normalizes across C, a subclass may mix channels)."""
+    shape = _shape(node)
+    if len(shape) < 2 or shape[1] < 2:
+        return True
+    dtype = getattr(node.meta["tensor_meta"], "dtype", torch.float32)
+    if not dtype.is_floating_point:
+        return False
+    generator = torch.Generator(device=device).manual_seed(0)  # the user's RNG is left alone
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    keep = torch.arange(0, shape[1], 2, device=device)
+    small = copy.deepcopy(norm)
+    _shrink_outputs(small, keep)
+    try:
+        want = norm(x.clone()).index_select(1, keep)
+        got = small(x.index_select(1, keep))
+    except Exception:  # a forward that checks its widths against something else
+        return False
+    return isinstance(want, Tensor) and isinstance(got, Tensor) and not _difference([want], [got])
 
 
 def _value_users(node: fx.Node) -> list[fx.Node]:
@@ -434,7 +499,14 @@ def _shrink_outputs(module: nn.Module, keep: Tensor) -> None:
             module.out_features = keep.numel()
         else:
             module.out_channels = keep.numel()
-    elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+    elif isinstance(module, nn.GroupNorm):  # one channel per group: followed only then
+        if module.affine:
+            module.weight = _select(module.weight, keep, 0)
+            module.bias = _select(module.bias, keep, 0)
+        module.num_channels = module.num_groups = keep.numel()
+    elif isinstance(
+        module, nn.BatchNorm1d | nn.BatchNorm2d | nn.InstanceNorm1d | nn.InstanceNorm2d
+    ):  # fused ones too (timm's BatchNormAct2d): their children are elementwise
         if module.affine:
             module.weight = _select(module.weight, keep, 0)
             module.bias = _select(module.bias, keep, 0)
@@ -615,7 +687,9 @@ def compact(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, Compact
     dense.eval()
     report = CompactReport(params_before=stored_parameters(dense))
     try:
-        gm = fx.symbolic_trace(dense)
+        tracer = _Tracer()
+        graph = tracer.trace(dense)
+        gm = fx.GraphModule(tracer.root, graph, type(dense).__name__)
     except Exception as err:  # torch.fx raises many types for untraceable code
         raise ValueError(
             f"compact: torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: "
