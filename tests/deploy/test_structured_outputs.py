@@ -200,15 +200,15 @@ def test_every_format_round_trips_or_refuses_in_one_line(tmp_path, kind, fmt):
         assert report.params_after < report.params_before  # it was compacted
 
 
-@pytest.mark.parametrize("fmt", ["compact", "sparse"])
-def test_without_a_torch_fx_graph_compact_names_what_works(tmp_path, fmt):
+def test_without_a_torch_fx_graph_compact_names_what_works(tmp_path):
+    """(``sparse`` falls back to the uncompacted network: tests/deploy/test_export_third_party)"""
     with pytest.raises(
         ValueError,
         match=r"^compact: torch\.fx cannot trace Net \(TraceError: .*\); export it as 'dense' "
-        r"\(the weights, for the never-masked architecture\) or 'onnx' \(the network "
-        r"uncompacted\)$",
+        r"\(the weights, for the never-masked architecture\), or as 'sparse' or 'onnx' \(the "
+        r"network uncompacted\)$",
     ):
-        export_model(_pruned("fx_untraceable"), tmp_path / "n.pt2", fmt, torch.randn(2, 6))
+        export_model(_pruned("fx_untraceable"), tmp_path / "n.pt2", "compact", torch.randn(2, 6))
     assert list(tmp_path.iterdir()) == []
 
 

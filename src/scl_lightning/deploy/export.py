@@ -10,6 +10,10 @@ sparsity and connection counts, and whatever the caller adds.
 Files are written atomically (a temporary file in the same directory, flushed to disk, then
 moved into place), so a crash or a full disk leaves either the previous file or none, never a
 truncated one, and an existing file is replaced only when asked to.
+
+A network compiled with ``torch.compile`` (an ``OptimizedModule``, whole or as a submodule) is
+saved as the network it wraps: the file is the same as the uncompiled network's
+(:func:`uncompiled`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -29,7 +34,7 @@ from scl_lightning._utils import fsync_directory
 from scl_lightning.nn.sparsify import export_pruned
 from scl_lightning.nn.stats import connectivity
 
-__all__ = ["PRUNED_FORMAT", "PRUNED_METADATA_KEYS", "load_pruned", "save_pruned"]
+__all__ = ["PRUNED_FORMAT", "PRUNED_METADATA_KEYS", "load_pruned", "save_pruned", "uncompiled"]
 
 #: Value of the ``format`` metadata entry of every file :func:`save_pruned` writes.
 PRUNED_FORMAT = "scl_lightning.pruned/1"
@@ -43,6 +48,65 @@ PRUNED_METADATA_KEYS = (
     "total_connections",
 )
 SUFFIX = ".safetensors"
+
+
+def _compiled_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is ``torch.compile``'s wrapper (``OptimizedModule``) around another."""
+    # no compiled module exists before torch._dynamo is imported: never import it here
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    wrapper = getattr(eval_frame, "OptimizedModule", None)
+    return wrapper is not None and isinstance(module, wrapper)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The module under ``torch.compile``'s wrappers (``module`` if it has none)."""
+    while _compiled_wrapper(module):
+        inner = module._orig_mod
+        assert isinstance(inner, nn.Module)
+        module = inner
+    return module
+
+
+@contextlib.contextmanager
+def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` without ``torch.compile``'s wrappers, for as long as the block runs.
+
+    Yields the module a compiled ``model`` wraps (``model._orig_mod``; ``model`` itself when
+    it is not compiled). A compiled submodule (``net.body = torch.compile(net.body)``) is
+    replaced in its parent by the module it wraps until the block ends, then put back: inside,
+    names and state-dict keys are those of the plain network (no ``_orig_mod.``), so what is
+    exported from a compiled network is what the plain one gives.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> compiled = torch.compile(net, backend="eager")
+        >>> with uncompiled(compiled) as plain:
+        ...     plain is net, list(plain.state_dict())
+        (True, ['0.weight', '0.bias'])
+    """
+    model = _unwrapped(model)
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    seen: set[int] = set()
+    stack = [model]
+    try:
+        while stack:
+            module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for name, child in list(module._modules.items()):
+                if child is None:
+                    continue
+                inner = _unwrapped(child)
+                if inner is not child:
+                    swapped.append((module, name, child))
+                    module._modules[name] = inner
+                stack.append(inner)
+        yield model
+    finally:
+        for module, name, child in reversed(swapped):
+            module._modules[name] = child
 
 
 def _metadata_strings(metadata: Mapping[str, str | int | float | bool]) -> dict[str, str]:
@@ -161,7 +225,8 @@ def save_pruned(
 
     Args:
         model: a network with masked layers (:func:`~scl_lightning.nn.sparsify.sparsify`); it is
-            not modified.
+            not modified. A compiled one (``torch.compile``) is saved as the network it wraps:
+            the same file as the uncompiled network's.
         path: the file to write; it must end in ``.safetensors``. Missing parent directories
             are created.
         metadata: extra header entries, ``{str: str | int | float | bool}``, e.g. the epoch.
@@ -206,12 +271,14 @@ def save_pruned(
 
     from scl_lightning import __version__  # here: scl_lightning/__init__ imports this module
 
-    tensors = _pruned_tensors(model)  # raises for a model without masked layers
-    conn = connectivity(model)
+    with uncompiled(model) as plain:  # a compiled network is saved as the one it wraps
+        tensors = _pruned_tensors(plain)  # raises for a model without masked layers
+        conn = connectivity(plain)
+        network = type(plain).__qualname__
     header = {
         "format": PRUNED_FORMAT,
         "scl_lightning_version": __version__,
-        "network": type(model).__qualname__,
+        "network": network,
         "global_sparsity": str(conn.sparsity),
         "active_connections": str(conn.active),
         "total_connections": str(conn.total),

@@ -15,18 +15,22 @@ format       file             what it is
                               torch has no sparse convolution on CPU; compact removes
                               their dead channels instead); saved with ``torch.export``
                               around the op ``scl_lightning::csr_linear``, so loading it
-                              needs scl_lightning imported
-``onnx``     ``.onnx``        the compact network in ONNX (uncompacted, with a note,
-                              where ``torch.fx`` cannot trace it), every output checked
+                              needs scl_lightning imported. Where the network cannot be
+                              compacted (``torch.fx`` cannot trace it), the pruned network
+                              uncompacted, with a warning and a note
+``onnx``     ``.onnx``        the compact network in ONNX (uncompacted, with a warning and
+                              a note, where it cannot be compacted), every output checked
                               against onnxruntime when written (needs the ``deploy``
                               extra)
 ===========  ===============  ==========================================================
 
 Every export reports parameters, bytes on disk and FLOPs per sample before (the dense network)
-and after; FLOPs are counted with fvcore, and a network it cannot trace is still exported, with
-a warning and the FLOPs reported as unknown. Files are written to a temporary name next to the
-output and moved into place, so a failed export leaves nothing behind and an existing file is
-never replaced unless asked.
+and after; FLOPs are counted with fvcore, and a network it cannot trace is still exported, in
+every format, with one warning and the FLOPs reported as unknown. Files are written to a
+temporary name next to the output and moved into place, so a failed export leaves nothing
+behind and an existing file is never replaced unless asked. A network compiled with
+``torch.compile`` is exported as the network it wraps
+(:func:`~scl_lightning.deploy.export.uncompiled`): the same files as the uncompiled one.
 
 **Structured outputs** (a tuple, a dict, a namedtuple, a dataclass, Hugging Face's
 ``ModelOutput``, nested). ``dense`` stores weights only, whatever the network returns.
@@ -49,13 +53,16 @@ import copy
 import dataclasses
 import functools
 import io
+import logging
 import os
+import re
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.utils._pytree as pytree
@@ -68,7 +75,7 @@ from scl_lightning.deploy.compact import (
     compact,
     stored_parameters,
 )
-from scl_lightning.deploy.export import atomic_file, save_pruned
+from scl_lightning.deploy.export import atomic_file, save_pruned, uncompiled
 from scl_lightning.nn.flops import flop_counts_or_none
 from scl_lightning.nn.outputs import key_path_name, named_outputs
 from scl_lightning.nn.sparsify import export_pruned, masked_modules
@@ -165,7 +172,34 @@ def _csr_linear_shape(
 
 class SparseLinear(nn.Module):
     """A ``Linear`` whose weight is stored as CSR components (``crow``, ``col``, ``values``:
-    ``nnz`` values instead of ``out x in``) and computed with ``torch.sparse.mm``."""
+    ``nnz`` values instead of ``out x in``) and computed with ``torch.sparse.mm``.
+
+    It keeps the ``Linear``'s ``in_features``, ``out_features`` and ``bias`` (a parameter, or
+    ``None``). ``weight`` is a read-only view for code that reads a layer's weight
+    (``layer.weight.dtype``, ``F.linear(x, layer.weight)``): the dense ``(out_features,
+    in_features)`` matrix, in the values' dtype and on their device, built from the CSR
+    components on each read. Writing into it changes nothing, assigning it raises
+    ``AttributeError``, and each read costs a dense matrix, which is why
+    :func:`sparsify_linears` keeps dense a layer whose weight the network reads.
+
+    Example::
+
+        >>> linear = nn.Linear(3, 2)
+        >>> with torch.no_grad():
+        ...     linear.weight[0] = 0
+        >>> sparse = SparseLinear(linear)
+        >>> torch.equal(sparse.weight, linear.weight), sparse.weight.dtype, sparse.in_features
+        (True, torch.float32, 3)
+        >>> torch.allclose(sparse(torch.ones(4, 3)), linear(torch.ones(4, 3)))
+        True
+    """
+
+    crow: Tensor
+    col: Tensor
+    values: Tensor
+    inputs: Tensor | None  # a first layer's input features (LinearOnSelectedInputs), else None
+    #: the layers whose ``weight`` was read, while :func:`sparsify_linears` checks a replacement
+    _weight_reads: ClassVar[list[SparseLinear] | None] = None
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -175,16 +209,47 @@ class SparseLinear(nn.Module):
             warnings.simplefilter("ignore", UserWarning)
             csr = linear.weight.detach().to_sparse_csr()
         col = csr.col_indices()
+        inputs = None
         if isinstance(linear, LinearOnSelectedInputs):
             # read the network's input directly: the selection moves into the column indices
-            col = linear.inputs[col]
+            inputs = linear.inputs.clone()
+            col = inputs[col]
         # copies (a component view keeps the sparse tensor alive, which torch.export refuses),
         # int32 where the sizes allow: torch's CSR kernels run faster on them
         index = torch.int32 if max(col.numel(), csr.shape[1]) < 2**31 else torch.int64
         self.register_buffer("crow", csr.crow_indices().to(index, copy=True))
         self.register_buffer("col", col.to(index, copy=True))
         self.register_buffer("values", csr.values().clone())
+        self.register_buffer("inputs", inputs)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense ``(out_features, in_features)`` weight, built from the CSR components (a
+        copy, for reading)."""
+        if SparseLinear._weight_reads is not None:
+            SparseLinear._weight_reads.append(self)
+        values = self.values
+        # no sparse tensor on the way (torch.export cannot trace one): a scatter of the values
+        rows = torch.repeat_interleave(
+            torch.arange(self.out_features, device=values.device),
+            self.crow.diff().long(),
+            output_size=values.numel(),
+        )
+        columns = self.col.long()
+        if self.inputs is not None:  # back from the network's input to the layer's own
+            # (compact lists the inputs in increasing order)
+            columns = torch.searchsorted(self.inputs, columns)
+        dense = values.new_zeros(self.out_features, self.in_features)
+        return dense.index_put((rows, columns), values)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":
+            raise AttributeError(
+                "SparseLinear.weight is a read-only view of the CSR values; set the layer's "
+                "values buffer, or replace the layer with an nn.Linear"
+            )
+        super().__setattr__(name, value)
 
     def forward(self, input: Tensor) -> Tensor:
         flat = input.reshape(-1, input.shape[-1])
@@ -194,9 +259,7 @@ class SparseLinear(nn.Module):
         return out.reshape(*input.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        values = self.values
-        assert isinstance(values, Tensor)
-        return f"in={self.in_features}, out={self.out_features}, nnz={values.numel()}"
+        return f"in={self.in_features}, out={self.out_features}, nnz={self.values.numel()}"
 
 
 def _best_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -220,9 +283,19 @@ def sparsify_linears(
     measured faster than dense for a batch of ``batch_size`` on this machine.
 
     With ``example``, each replacement is checked on it: a layer whose weight the network reads
-    outside the layer's forward (attention code computing ``F.linear(x, self.qkv.weight)``;
-    a :class:`SparseLinear` has no dense ``weight``), or whose replacement changes the output,
-    stays dense, with a note."""
+    outside the layer's forward (attention code computing ``F.linear(x, self.qkv.weight)``, or
+    reading ``self.qkv.weight.dtype``: a :class:`SparseLinear` would rebuild its dense weight
+    on every read), or whose replacement changes the output or fails, stays dense, with a note.
+    Without ``example`` nothing is checked: such a network still runs (the CSR layer's
+    ``weight`` is a dense view) but pays for a dense matrix at each read. A compiled ``model``
+    (``torch.compile``) is unwrapped: the module it wraps is changed and returned."""
+    with uncompiled(model) as plain:
+        return _sparsify_linears(plain, batch_size, repeats, example)
+
+
+def _sparsify_linears(
+    model: nn.Module, batch_size: int, repeats: int, example: Tensor | None
+) -> tuple[nn.Module, list[str]]:
     notes = []
     reference = None
     if example is not None:
@@ -250,7 +323,7 @@ def sparsify_linears(
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, sparse)
-            why = _replacement_breaks(model, example, reference)
+            why = _replacement_breaks(model, sparse, example, reference)
             if why is not None:
                 setattr(parent, child, module)
                 notes.append(f"{name}: kept dense, {why}")
@@ -258,18 +331,27 @@ def sparsify_linears(
 
 
 def _replacement_breaks(
-    model: nn.Module, example: Tensor | None, reference: list[Any] | None
+    model: nn.Module, sparse: SparseLinear, example: Tensor | None, reference: list[Any] | None
 ) -> str | None:
-    """Why the network no longer computes ``reference`` on ``example``, or ``None``."""
+    """Why ``model``, with ``sparse`` in the place of a ``Linear``, should not keep it: the
+    network reads its weight, or no longer computes ``reference`` on ``example``; or ``None``."""
     if example is None or reference is None:
         return None
+    reads: list[SparseLinear] = []
+    SparseLinear._weight_reads = reads
     try:
         with torch.no_grad():
             out = pytree.tree_leaves(model(example))
-    except AttributeError as err:
-        return f"its weight is read outside its forward ({err})"
     except Exception as err:  # anything else the CSR layer cannot do where it stands
-        return f"the network fails with it in CSR ({type(err).__name__}: {err})"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return f"the network fails with it in CSR ({type(err).__name__}: {reason:.200})"
+    finally:
+        SparseLinear._weight_reads = None
+    if any(layer is sparse for layer in reads):
+        return (
+            "its weight is read outside its forward (a CSR layer would rebuild the dense "
+            "matrix at every read)"
+        )
     same = len(out) == len(reference) and all(
         not isinstance(a, Tensor) or torch.allclose(a, b, rtol=1e-4, atol=1e-5)
         for a, b in zip(out, reference, strict=True)
@@ -518,7 +600,8 @@ def _export_onnx(model: nn.Module, example: Tensor, path: Path) -> tuple[float, 
             raise ValueError(
                 f"export: onnx: torch.onnx.export failed on {type(model).__name__} "
                 f"({type(err).__name__}: {reason:.300}); the ONNX file was not written; export "
-                "it as 'dense', or as 'compact' where torch.fx traces it"
+                "it as 'dense', or as 'sparse' (saved with torch.export; uncompacted where "
+                "torch.fx cannot trace it)"
             ) from None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     largest = 0.0
@@ -554,11 +637,44 @@ def _export_onnx(model: nn.Module, example: Tensor, path: Path) -> tuple[float, 
     return largest, notes
 
 
-def _save_program(model: nn.Module, example: Tensor, path: Path) -> None:
-    """``torch.export`` the network with a dynamic batch and save it (``.pt2``)."""
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _save_program(model: nn.Module, example: Tensor, path: Path, format: str) -> None:
+    """``torch.export`` the network with a dynamic batch and save it (``.pt2``); a network
+    ``torch.export`` cannot take is one line."""
     batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    # before failing on data-dependent code, torch logs and prints the partial graph: the one
+    # line below says what was wrong; what it writes on success is passed on
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except Exception as err:  # data-dependent control flow, an operator without a tracing rule
+        raise ValueError(
+            f"export: {format}: torch.export failed on {type(model).__name__} "
+            f"({type(err).__name__}: {_first_line(err):.300}); the file was not written; export "
+            "it as 'dense' (the weights, for the never-masked architecture), or as 'onnx' "
+            "(traced with torch.jit instead)"
+        ) from None
+    finally:
+        shapes_log.setLevel(level)
+    sys.stderr.write(printed.getvalue())
     torch.export.save(program, str(path))
+
+
+def _compaction_failure(err: Exception, network: str) -> str:
+    """Why :func:`compact` failed, in one line starting ``compact:``, without the formats its
+    own message suggests (:func:`export_model` names those that work for the format asked)."""
+    text = _first_line(err)
+    if isinstance(err, ValueError) and text.startswith("compact: "):
+        return re.split(r"; export (?:it )?as ", text, maxsplit=1)[0]
+    return f"compact: failed on {network} ({type(err).__name__}: {text:.200})"
 
 
 @torch.no_grad()
@@ -599,18 +715,26 @@ def export_model(
         overwrite: replace ``path`` if it exists.
         batch_size: the batch the ``sparse`` format chooses each layer's storage for.
 
+    A compiled ``model`` (``torch.compile``, whole or in part) is exported as the network it
+    wraps: the same file as the uncompiled network's.
+
     Warns:
-        UserWarning: when fvcore cannot trace the network; the FLOPs are then reported as
-            unknown (``None``) and the export goes on.
+        UserWarning: once when fvcore cannot trace the network (in any format): the FLOPs are
+            then reported as unknown (``None``) and the export goes on; once when ``sparse``
+            or ``onnx`` cannot compact the network (``torch.fx`` cannot trace it, or the
+            compacted network would compute something else): the pruned network is then
+            exported uncompacted, and the report's first note, ``not compacted: ...``, says why.
 
     Raises:
         ValueError: an unknown format, a suffix that does not match it, a model without masks,
             a model that fails on ``example_input``, an output the format cannot store (named
-            with what to do instead; see the module docstring), a network ``torch.fx`` cannot
-            trace for ``compact`` or ``sparse`` (``onnx`` then writes it uncompacted, with a
-            note), or an ONNX file that onnxruntime does not reproduce. Nothing is written
-            then.
+            with what to do instead; see the module docstring), a network that cannot be
+            compacted for ``compact`` (the error names the formats that export it
+            uncompacted), a network ``torch.export`` (``compact``, ``sparse``) or
+            ``torch.onnx.export`` cannot take, or an ONNX file that onnxruntime does not
+            reproduce. Nothing is written then.
         FileExistsError: ``path`` exists and ``overwrite`` is false.
+        IsADirectoryError: ``path`` is a directory.
         ImportError: ``onnx`` without onnxruntime installed.
     """
     if format not in FORMATS:
@@ -619,6 +743,27 @@ def export_model(
     suffix = SUFFIXES[format]
     if path.suffix != suffix:
         raise ValueError(f"export: a {format} export is a {suffix} file, got {str(path)!r}")
+    # before any work (the write itself checks again, atomically)
+    if path.is_dir():
+        raise IsADirectoryError(f"export: {path} is a directory; pass a file path")
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"export: {path} already exists; pass overwrite=True to replace it, or choose "
+            "another path"
+        )
+    with uncompiled(model) as plain:
+        return _export(plain, path, format, example_input, overwrite, batch_size)
+
+
+def _export(
+    model: nn.Module,
+    path: Path,
+    format: str,
+    example_input: Tensor,
+    overwrite: bool,
+    batch_size: int,
+) -> ExportReport:
+    """:func:`export_model` on a network without compile wrappers, its arguments checked."""
     if not any(True for _ in masked_modules(model)):
         raise ValueError(
             f"export: {type(model).__name__} has no masked layer: nothing was pruned (train it "
@@ -657,16 +802,23 @@ def export_model(
     compact_report: CompactReport | None
     try:
         small, compact_report = compact(model, example)
-    except ValueError as err:  # torch.fx cannot trace the network
-        reason = str(err).split("; export it as")[0]
-        if format != "onnx":
+    except Exception as err:  # torch.fx cannot trace it, or compact cannot do it right
+        reason = _compaction_failure(err, network)
+        if format == "compact":
             raise ValueError(
                 f"{reason}; export it as 'dense' (the weights, for the never-masked "
-                "architecture) or 'onnx' (the network uncompacted)"
-            ) from None
-        # ONNX is written from a torch.jit trace, which needs no torch.fx graph
+                "architecture), or as 'sparse' or 'onnx' (the network uncompacted)"
+            ) from (None if isinstance(err, ValueError) else err)
+        # the pruned network is exact by construction; torch.export and the torch.jit trace
+        # behind ONNX need no torch.fx graph
         small, compact_report = dense, None
-        notes.append(f"not compacted: {reason.removeprefix('compact: ')}")
+        why = reason.removeprefix("compact: ")
+        notes.append(f"not compacted: {why}")
+        warnings.warn(
+            f"export: {format}: not compacted: {why}; the pruned network is exported uncompacted",
+            UserWarning,
+            stacklevel=3,
+        )
     else:
         notes += [f"{name}: kept, {why}" for name, why in compact_report.kept.items()]
     if format != "onnx":  # what torch.export will see: compaction may rebuild the output
@@ -675,14 +827,14 @@ def export_model(
     counted = flops_before is not None
     with atomic_file(path, overwrite, "export") as tmp:
         if format == "compact":
-            _save_program(small, example, tmp)
+            _save_program(small, example, tmp, format)
             result: nn.Module = small
             flops_after = _flops(small, example) if counted else None
         elif format == "sparse":
             result, timing = sparsify_linears(copy.deepcopy(small), batch_size, example=example)
             flops_after = _flops(small, example, sparse=result) if counted else None
             notes += timing
-            _save_program(result, example, tmp)
+            _save_program(result, example, tmp, format)
         else:
             diff, traced = _export_onnx(small, example, tmp)
             notes += traced
@@ -747,7 +899,8 @@ def load_export(path: str | os.PathLike[str], model: nn.Module | None = None) ->
                 "without masks"
             )
         tensors, _ = load_pruned(path)
-        model.load_state_dict(tensors, strict=True)
+        with uncompiled(model) as plain:  # a compiled network loads into the one it wraps
+            plain.load_state_dict(tensors, strict=True)
         return model.eval()
     raise ValueError(
         f"load_export: {path.suffix!r} is not an export ({', '.join(SUFFIXES.values())})"
