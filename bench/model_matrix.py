@@ -6,14 +6,23 @@ here: attention that reads its projections' weights itself (Swin), ``nn.Multihea
 (ViT), an output layer tied to the embedding (GPT-2) with a ``dict`` output, a dataclass output,
 Linear layers over the last dimension of ``(N, T, C)`` tokens and of channels-last activations
 with layer scale (ConvNeXt), depthwise and grouped convolutions with squeeze-excitation
-(MobileNet/EfficientNet); and, where ``transformers`` imports, GPT-2, BERT and ViT built from
-their configs (random init, nothing downloaded). timm and torchvision need a torchvision that
-cannot be imported next to this CPU torch, so they are not run here.
+(MobileNet), and an EfficientNet in miniature (MBConv blocks: expand, depthwise,
+squeeze-excitation, project, residual) whose norms and SiLU are timm's fused ``BatchNormAct2d``
+(``efficientnet_fused``, a norm subclass with its own ``F.batch_norm`` forward) or the same
+network with separate ``nn.BatchNorm2d`` and ``nn.SiLU`` (``efficientnet_plain``); and, where
+``transformers`` imports, GPT-2, BERT and ViT built from their configs (random init, nothing
+downloaded). timm and torchvision need a torchvision that cannot be imported next to this CPU
+torch, so they are not run here: their patterns are written out instead.
+
+The rows: ``swin_like``, ``vit_like``, ``gpt_like``, ``convnext_like``, ``mobilenet_se``,
+``efficientnet_fused``, ``efficientnet_plain``, ``hf_gpt2``, ``hf_bert``, ``hf_vit``.
 
 For each model, the columns:
 
 - **train**: a user's own LightningModule (AdamW) with the drop-in ``SparseConnectivityLearning``
-  trains 4 steps and checkpoints; no warning about unread masks.
+  trains 4 steps and checkpoints; no warning about unread masks. The cell says what
+  ``scl_lightning.nn.coverage`` finds after training: the masked layers, the masked share of the
+  parameters, and the weight layers left dense with why (the first four).
 - **masks used**: after training, a random ~half of every mask is turned off; then, layer by
   layer, switching the whole mask off changes the output (eval mode). A mask that does not is
   a FAIL: it would be counted as pruned while the network still uses its weights.
@@ -35,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import os
 import platform
 import tempfile
@@ -173,14 +183,21 @@ class ConvNeXtLike(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    def __init__(self, channels: int, reduced: int) -> None:
+    """Squeeze-excitation as timm writes it: pooled channels, 1x1 reduce, activation, 1x1
+    expand, sigmoid gate on the input."""
+
+    def __init__(
+        self, channels: int, reduced: int, act_layer: Callable[..., nn.Module] = nn.ReLU
+    ) -> None:
         super().__init__()
-        self.reduce = nn.Conv2d(channels, reduced, 1)
-        self.expand = nn.Conv2d(reduced, channels, 1)
+        self.conv_reduce = nn.Conv2d(channels, reduced, 1)
+        self.act = act_layer(inplace=True)
+        self.conv_expand = nn.Conv2d(reduced, channels, 1)
+        self.gate = nn.Sigmoid()
 
     def forward(self, x: Tensor) -> Tensor:
         s = x.mean((2, 3), keepdim=True)
-        return x * torch.sigmoid(self.expand(F.relu(self.reduce(s))))
+        return x * self.gate(self.conv_expand(self.act(self.conv_reduce(s))))
 
 
 class MobileNetLike(nn.Module):
@@ -207,6 +224,125 @@ class MobileNetLike(nn.Module):
         x = x + self.project(self.se(self.depthwise(self.expand(x))))
         features = x.mean((2, 3))
         return self.head(features), features
+
+
+# timm's fused norm-activation (timm/layers/norm_act.py), written out: timm is not a dependency
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """BatchNorm2d, then dropout and an activation, in one module (as timm's): a norm subclass
+    whose forward calls ``F.batch_norm`` itself."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        apply_act: bool = True,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        inplace: bool = True,
+        drop_layer: Callable[[], nn.Module] | None = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+        )
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = act_layer(inplace=inplace) if apply_act else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        # cut & paste of torch.nn.BatchNorm2d.forward, as timm does
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        if self.momentum is None:
+            exponential_average_factor = 0.0
+        else:
+            exponential_average_factor = self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:  # cumulative moving average
+                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                else:  # exponential moving average
+                    exponential_average_factor = self.momentum
+        if self.training:
+            bn_training = True
+        else:
+            bn_training = (self.running_mean is None) and (self.running_var is None)
+        x = F.batch_norm(
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            exponential_average_factor,
+            self.eps,
+        )
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+def _conv_norm_act(
+    cin: int, cout: int, kernel: int, stride: int, groups: int, fused: bool, act: bool = True
+) -> nn.Sequential:
+    """``Sequential(conv, norm[, act])``: the norm at index 1 either way, so the fused and the
+    plain network have the same state dict keys."""
+    conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
+    if fused:
+        return nn.Sequential(conv, BatchNormAct2d(cout, apply_act=act, act_layer=nn.SiLU))
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), *([nn.SiLU(inplace=True)] if act else []))
+
+
+class MBConv(nn.Module):
+    """1x1 expand, depthwise 3x3, optional squeeze-excitation, 1x1 project (no activation),
+    residual where the shapes match."""
+
+    def __init__(
+        self, cin: int, cout: int, stride: int, expand: int, se: bool, fused: bool
+    ) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.conv_pw = _conv_norm_act(cin, mid, 1, 1, 1, fused) if expand > 1 else nn.Identity()
+        self.conv_dw = _conv_norm_act(mid, mid, 3, stride, mid, fused)
+        self.se = SqueezeExcite(mid, max(1, cin // 4), nn.SiLU) if se else nn.Identity()
+        self.conv_pwl = _conv_norm_act(mid, cout, 1, 1, 1, fused, act=False)
+        self.has_skip = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        x = self.conv_pwl(self.se(self.conv_dw(self.conv_pw(x))))
+        return x + shortcut if self.has_skip else x
+
+
+class TinyEfficientNet(nn.Module):
+    """An EfficientNet in miniature for 3x32x32 images: its norms and SiLU fused in timm's
+    ``BatchNormAct2d`` (``fused=True``) or separate ``nn.BatchNorm2d`` and ``nn.SiLU``
+    modules; the same parameters either way."""
+
+    def __init__(self, fused: bool, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_norm_act(3, 16, 3, 2, 1, fused)
+        self.blocks = nn.Sequential(
+            MBConv(16, 16, 1, 1, True, fused),  # residual
+            MBConv(16, 24, 2, 4, True, fused),  # its projection feeds the next expansion
+            MBConv(24, 40, 2, 4, False, fused),
+            MBConv(40, 40, 1, 4, True, fused),  # residual
+            MBConv(40, 64, 1, 4, True, fused),  # its projection feeds the head
+        )
+        self.head = _conv_norm_act(64, 128, 1, 1, 1, fused)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(128, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.head(self.blocks(self.stem(x)))
+        return self.classifier(self.flatten(self.pool(x)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +393,8 @@ MODELS: dict[str, Spec] = {
     "gpt_like": Spec(GPTLike, _ids, tokens=True),
     "convnext_like": Spec(ConvNeXtLike, _images),
     "mobilenet_se": Spec(MobileNetLike, _images),
+    "efficientnet_fused": Spec(functools.partial(TinyEfficientNet, fused=True), _images),
+    "efficientnet_plain": Spec(functools.partial(TinyEfficientNet, fused=False), _images),
     "hf_gpt2": Spec(_hf("gpt2"), _ids, tokens=True),
     "hf_bert": Spec(_hf("bert"), _ids),
     "hf_vit": Spec(_hf("vit"), _images),
@@ -424,16 +562,10 @@ def check(name: str, workdir: Path, seed: int = 0) -> dict[str, str]:
         refused = _refusal(err)
         return {c: refused if c == "train" else "not run: nothing trained" for c in COLUMNS}
     unread = [str(w.message) for w in rec if "not computed through their mask" in str(w.message)]
-    dense_line = [str(w.message) for w in rec if "left dense" in str(w.message)]
     layers = list(masked_modules(module.net))
     if not layers:
         return {c: "FAIL: nothing masked" for c in COLUMNS}
-    result["train"] = (
-        f"FAIL: {unread[0]}"
-        if unread
-        else f"PASS ({len(layers)} masked)"
-        + (f"; {dense_line[0].split(':')[1].split(';')[0].strip()}" if dense_line else "")
-    )
+    result["train"] = f"FAIL: {unread[0]}" if unread else f"PASS ({_covered(module.net)})"
 
     # masks used: turning a whole mask off changes the output
     net = module.net.eval()
@@ -504,6 +636,25 @@ def check(name: str, workdir: Path, seed: int = 0) -> dict[str, str]:
     except Exception as err:
         result["channel"] = _refusal(err)
     return result
+
+
+def _covered(net: nn.Module, shown: int = 4) -> str:
+    """What SCL covers after training, from :func:`~scl_lightning.nn.coverage`: the masked
+    layers, their share of the parameters, and the first ``shown`` layers left dense with why."""
+    from scl_lightning.nn import coverage
+
+    cov = coverage(net)
+    text = (
+        f"{len(cov.masked)} masked, "
+        f"{cov.masked_parameters / max(cov.parameters, 1):.1%} of parameters"
+    )
+    if cov.dense:
+        text += "; dense: " + ", ".join(
+            f"{d.name or '(root)'} ({d.reason})" for d in cov.dense[:shown]
+        )
+        if len(cov.dense) > shown:
+            text += f" and {len(cov.dense) - shown} more"
+    return text
 
 
 def _suffix(fmt: str) -> str:

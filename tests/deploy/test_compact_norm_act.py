@@ -1,8 +1,12 @@
 """compact() through fused norm-activation modules (timm's ``BatchNormAct2d``, ``GroupNormAct``):
 a channel-pruned EfficientNet built with them shrinks as much as one with separate BatchNorm and
-activation modules."""
+activation modules. The EfficientNet and ``BatchNormAct2d`` are ``bench/model_matrix.py``'s (its
+``efficientnet_fused`` and ``efficientnet_plain`` rows)."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,65 +16,12 @@ from torch import nn
 from scl_lightning import export_pruned, sparsify
 from scl_lightning.deploy.compact import compact
 
-# --- timm's fused modules (timm/layers/norm_act.py), written out: timm is not a dependency ---
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
 
+from model_matrix import BatchNormAct2d, TinyEfficientNet  # noqa: E402
 
-class BatchNormAct2d(nn.BatchNorm2d):
-    """BatchNorm2d, then dropout and an activation, in one module (as timm's)."""
-
-    def __init__(
-        self,
-        num_features,
-        eps=1e-5,
-        momentum=0.1,
-        affine=True,
-        track_running_stats=True,
-        apply_act=True,
-        act_layer=nn.ReLU,
-        inplace=True,
-        drop_layer=None,
-    ):
-        super().__init__(
-            num_features,
-            eps=eps,
-            momentum=momentum,
-            affine=affine,
-            track_running_stats=track_running_stats,
-        )
-        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
-        self.act = act_layer(inplace=inplace) if apply_act else nn.Identity()
-
-    def forward(self, x):
-        # cut & paste of torch.nn.BatchNorm2d.forward, as timm does
-        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
-        if self.momentum is None:
-            exponential_average_factor = 0.0
-        else:
-            exponential_average_factor = self.momentum
-        if self.training and self.track_running_stats:
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-                if self.momentum is None:  # cumulative moving average
-                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
-                else:  # exponential moving average
-                    exponential_average_factor = self.momentum
-        if self.training:
-            bn_training = True
-        else:
-            bn_training = (self.running_mean is None) and (self.running_var is None)
-        x = F.batch_norm(
-            x,
-            self.running_mean if not self.training or self.track_running_stats else None,
-            self.running_var if not self.training or self.track_running_stats else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            exponential_average_factor,
-            self.eps,
-        )
-        x = self.drop(x)
-        x = self.act(x)
-        return x
+# --- timm's GroupNormAct (timm/layers/norm_act.py), written out: timm is not a dependency
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -96,71 +47,6 @@ class GroupNormAct(nn.GroupNorm):
         x = self.drop(x)
         x = self.act(x)
         return x
-
-
-# --- an EfficientNet in miniature, fused (timm) or with separate BatchNorm and SiLU ---
-
-
-def _conv_norm_act(cin, cout, kernel, stride, groups, fused, act=True):
-    """``Sequential(conv, norm[, act])``: the norm at index 1 either way, so the two networks'
-    state dicts have the same keys."""
-    conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
-    if fused:
-        return nn.Sequential(conv, BatchNormAct2d(cout, apply_act=act, act_layer=nn.SiLU))
-    return nn.Sequential(conv, nn.BatchNorm2d(cout), *([nn.SiLU(inplace=True)] if act else []))
-
-
-class SqueezeExcite(nn.Module):
-    def __init__(self, channels, reduced):
-        super().__init__()
-        self.conv_reduce = nn.Conv2d(channels, reduced, 1)
-        self.act = nn.SiLU(inplace=True)
-        self.conv_expand = nn.Conv2d(reduced, channels, 1)
-        self.gate = nn.Sigmoid()
-
-    def forward(self, x):
-        s = x.mean((2, 3), keepdim=True)
-        return x * self.gate(self.conv_expand(self.act(self.conv_reduce(s))))
-
-
-class MBConv(nn.Module):
-    """1x1 expand, depthwise 3x3, optional squeeze-excitation, 1x1 project (no activation),
-    residual where the shapes match."""
-
-    def __init__(self, cin, cout, stride, expand, se, fused):
-        super().__init__()
-        mid = cin * expand
-        self.conv_pw = _conv_norm_act(cin, mid, 1, 1, 1, fused) if expand > 1 else nn.Identity()
-        self.conv_dw = _conv_norm_act(mid, mid, 3, stride, mid, fused)
-        self.se = SqueezeExcite(mid, max(1, cin // 4)) if se else nn.Identity()
-        self.conv_pwl = _conv_norm_act(mid, cout, 1, 1, 1, fused, act=False)
-        self.has_skip = stride == 1 and cin == cout
-
-    def forward(self, x):
-        shortcut = x
-        x = self.conv_pwl(self.se(self.conv_dw(self.conv_pw(x))))
-        return x + shortcut if self.has_skip else x
-
-
-class TinyEfficientNet(nn.Module):
-    def __init__(self, fused, num_classes=10):
-        super().__init__()
-        self.stem = _conv_norm_act(3, 16, 3, 2, 1, fused)
-        self.blocks = nn.Sequential(
-            MBConv(16, 16, 1, 1, True, fused),  # residual
-            MBConv(16, 24, 2, 4, True, fused),  # its projection feeds the next expansion
-            MBConv(24, 40, 2, 4, False, fused),
-            MBConv(40, 40, 1, 4, True, fused),  # residual
-            MBConv(40, 64, 1, 4, True, fused),  # its projection feeds the head
-        )
-        self.head = _conv_norm_act(64, 128, 1, 1, 1, fused)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.classifier = nn.Linear(128, num_classes)
-
-    def forward(self, x):
-        x = self.head(self.blocks(self.stem(x)))
-        return self.classifier(self.flatten(self.pool(x)))
 
 
 def _twin_networks() -> tuple[nn.Module, nn.Module]:

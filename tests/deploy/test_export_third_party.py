@@ -507,7 +507,7 @@ def _mismatch(model: nn.Module, example: Tensor):
     raise ValueError(
         f"compact: the compacted {type(model).__name__} differs from the pruned one on the "
         "example input (output 0 off by 0.5), which is a bug in compact (please report it with "
-        "the network); export it as 'dense' or 'onnx' (uncompacted) instead"
+        "the network); export it as 'dense', 'sparse' or 'onnx' (uncompacted) instead"
     )
 
 

@@ -401,3 +401,20 @@ def test_old_import_path_warns_and_gives_the_same_objects():
     ):
         from scl_lightning.report import main
     assert main is report.main
+
+
+def test_checkpoint_masks_of_attention_are_counted_in_connections(tmp_path):
+    """A channel mask on `nn.MultiheadAttention`'s `in_proj_weight` (no `weight` key)."""
+    from torch import nn
+
+    from scl_lightning import sparsify
+
+    net = sparsify(nn.Sequential(nn.MultiheadAttention(8, 2)), granularity="channel")
+    with torch.no_grad():
+        net[0].mask[:5] = -1.0  # 5 of the 24 q/k/v units off
+    path = tmp_path / "a.ckpt"
+    torch.save({"state_dict": net.state_dict()}, path)
+    info = report.read_checkpoint(path)
+    assert (info.masks["0"].active, info.masks["0"].total) == (19 * 8, 24 * 8)
+    assert info.masks["0"].shape == (24, 8)
+    assert (info.masks["0.out_proj"].active, info.masks["0.out_proj"].total) == (64, 64)

@@ -1,8 +1,9 @@
 """Any model a user brings (slow tier): ``bench/model_matrix.py``'s checks on each of its
-architectures (Swin-, ViT-, GPT-, ConvNeXt- and MobileNet-style patterns written there, and
-GPT-2, BERT and ViT from ``transformers`` configs where it imports): train with the drop-in
-callback, every mask changes the output, reload, every export format, channel compaction. Each
-cell is PASS or a one-line refusal; a mismatch or a traceback fails."""
+architectures (Swin-, ViT-, GPT-, ConvNeXt- and MobileNet-style patterns and an EfficientNet
+with timm's fused ``BatchNormAct2d`` or separate norms and activations written there, and GPT-2,
+BERT and ViT from ``transformers`` configs where it imports): train with the drop-in callback,
+every mask changes the output, reload, every export format, channel compaction. Each cell is
+PASS or a one-line refusal; a mismatch or a traceback fails."""
 
 from __future__ import annotations
 

@@ -287,3 +287,13 @@ def test_flops_of_attention_projections_and_conv1d_are_their_products():
     # the module total holds the projections and the attention products (2 x T x T x E)
     assert counts.modules["attn"] == 10 * 4 * 16 * 16 + 2 * 10 * 10 * 16
     assert counts.total == counts.modules["attn"] + counts.layers["mlp"]
+
+
+def test_a_lazy_layer_is_named_until_it_is_built():
+    net = nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.warns(DenseLayersWarning, match=r"0 \(LazyLinear's weight is not built yet"):
+        sparsify(net)
+    assert [n for n, _ in masked_modules(net)] == ["2"]
+    net = nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.Linear(3, 2))
+    net(torch.randn(1, 5))  # built: a plain Linear now
+    assert [n for n, _ in masked_modules(sparsify(net))] == ["0", "2"]

@@ -693,8 +693,8 @@ def compact(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, Compact
     except Exception as err:  # torch.fx raises many types for untraceable code
         raise ValueError(
             f"compact: torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); export it as 'dense' or 'onnx' "
-            "(uncompacted) instead"
+            f"{str(err).splitlines()[0] if str(err) else ''}); export it as 'dense', 'sparse' or "
+            "'onnx' (uncompacted) instead"
         ) from None
     gm.eval()
     example = example_input.detach()[:2].to(next(gm.parameters()).device)
@@ -729,7 +729,7 @@ def compact(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, Compact
         raise ValueError(
             f"compact: the compacted {type(model).__name__} differs from the pruned one on the "
             f"example input ({differs}), which is a bug in compact (please report it with the "
-            "network); export it as 'dense' or 'onnx' (uncompacted) instead"
+            "network); export it as 'dense', 'sparse' or 'onnx' (uncompacted) instead"
         )
     # The layers were shrunk in place, so the network's own class now computes the compact
     # function too, unless its forward hard-codes a width (``x.view(-1, 800)``): prefer it

@@ -132,7 +132,8 @@ def coverage(model: nn.Module, exclude: Any = ()) -> Coverage:
     counted: set[int] = set()
     parameters = 0
     for param in model.parameters():  # unique already; the masks are SCL's, not the model's
-        if id(param) not in masks:
+        # a lazy layer's parameter has no size yet
+        if id(param) not in masks and not isinstance(param, nn.parameter.UninitializedParameter):
             counted.add(id(param))
             parameters += param.numel()
 

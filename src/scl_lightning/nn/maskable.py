@@ -202,6 +202,11 @@ def maskable_type(module: nn.Module) -> tuple[MaskableType | None, str | None]:
     stored = module._parameters.get(entry.weight)
     if stored is None and not isinstance(getattr(module, entry.weight, None), Tensor):
         return entry, f"{type(module).__name__} holds no {entry.weight!r} parameter"
+    if isinstance(stored, nn.parameter.UninitializedParameter):
+        return entry, (
+            f"{type(module).__name__}'s {entry.weight} is not built yet (a lazy layer): run one "
+            "forward pass before sparsify"
+        )
     if type(module) is not base and _overrides(type(module), base):
         cls = type(module)
         if not any(issubclass(base, b) for b in _PROBED):

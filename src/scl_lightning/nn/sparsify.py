@@ -185,7 +185,7 @@ def sparsify(
 ) -> M:
     """Give every Linear and convolution layer of ``model`` a trainable mask, in place.
 
-    The layers masked are those of a registered type (:func:`~scl_lightning.nn.maskable`):
+    The layers masked are those of a registered type (:func:`~scl_lightning.nn.maskable_type`):
     ``nn.Linear`` and ``nn.Conv1d/2d/3d`` and their subclasses, transformers' ``Conv1D`` and
     ``nn.MultiheadAttention``'s packed input projection, and whatever
     :func:`~scl_lightning.nn.register_maskable` adds. A subclass that overrides ``forward`` is

@@ -29,6 +29,15 @@ SUMMARY = "summary.json"
 METRICS = "metrics.csv"
 
 
+def _weight_names() -> list[str]:
+    """The names of masked parameters, ``weight`` first (``scl.register_maskable``)."""
+    from scl_lightning.nn.maskable import maskable_types
+
+    names = ["weight"]
+    names += [t.weight for t in maskable_types() if t.weight not in names]
+    return names
+
+
 class ReportError(Exception):
     """A problem with the run directory that the user can fix; printed as one line."""
 
@@ -287,7 +296,10 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
         name = key[: -len(".mask")]
         # in connections, as nn.stats counts: a mask of shape (out, 1, ...) (granularity
         # "channel") switches every connection of its unit, the weight's row
-        weight = state.get(f"{name}.weight")
+        # the masked parameter: `weight`, or another registered name (`in_proj_weight`)
+        weight = next(
+            (state[k] for k in (f"{name}.{w}" for w in _weight_names()) if k in state), None
+        )
         shape = tuple(mask.shape)
         per = 1
         if isinstance(weight, torch.Tensor) and weight.shape != mask.shape and mask.numel():
