@@ -94,6 +94,16 @@ def check_compatible(
         )
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
+    if same_layers and masks_found and missing and all(k.endswith(".mask") for k in missing):
+        # trained when these layers stayed dense (by `exclude`, or before sparsify masked
+        # their type: nn.MultiheadAttention, subclasses of nn.Linear, transformers' Conv1D)
+        names = [k[: -len(".mask")] for k in missing]
+        shown = ", ".join(repr(n) for n in names[:4]) + (" ..." if len(names) > 4 else "")
+        raise CheckpointError(
+            f"{source} was trained with {len(names)} layer(s) dense that this model masks "
+            f"({shown}); build the model with those layers excluded (exclude=[...], names "
+            "relative to the network)"
+        )
     mismatched = [
         key
         for key in sorted(expected.keys() & found.keys())

@@ -207,3 +207,28 @@ def test_a_checkpoint_without_metric_states_still_loads(tmp_path: Path) -> None:
     torch.save(checkpoint, path)
     loaded = SCLModule.load_from_checkpoint(path)
     assert torch.equal(loaded.model.layers[1].mask, module.model.layers[1].mask)
+
+
+def test_a_checkpoint_trained_with_layers_dense_that_are_now_masked_says_exclude():
+    """A ViT trained before nn.MultiheadAttention was masked: its state has no attn masks."""
+    from torch import nn
+
+    from scl_lightning import sparsify
+    from scl_lightning._compat import CheckpointError, check_compatible
+
+    def vit() -> nn.Module:
+        net = nn.Sequential()
+        net.add_module("attn", nn.MultiheadAttention(8, 2))
+        net.add_module("head", nn.Linear(8, 2))
+        return net
+
+    old = sparsify(vit(), exclude=["attn"])
+    new = sparsify(vit())
+    with pytest.raises(
+        CheckpointError,
+        match=r"^the checkpoint was trained with 2 layer\(s\) dense that this model masks "
+        r"\('attn', 'attn.out_proj'\); build the model with those layers excluded",
+    ):
+        check_compatible(new.state_dict(), old.state_dict())
+    check_compatible(sparsify(vit(), exclude=["attn"]).state_dict(), old.state_dict())
+    assert torch.equal(old.head.mask, torch.ones(2, 8))

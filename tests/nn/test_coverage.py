@@ -29,7 +29,7 @@ from scl_lightning.nn import (
     sparsify_like,
 )
 from scl_lightning.nn.flops import count_flops
-from scl_lightning.nn.maskable import _REGISTRY
+from scl_lightning.nn.maskable import _ENTRIES, _REGISTRY
 
 
 class Conv1D(nn.Module):
@@ -221,6 +221,7 @@ def test_a_layer_type_of_ones_own_is_registered_in_one_call():
         torch.testing.assert_close(plain(torch.ones(1, 4)), net(torch.ones(1, 4)))
     finally:
         _REGISTRY[:] = saved
+        _ENTRIES.clear()
     with pytest.raises(ValueError, match="out_dim must be an int >= 0"):
         register_maskable(Dense, out_dim=-1)
     with pytest.raises(TypeError, match=r"expects an nn\.Module class"):
@@ -297,3 +298,126 @@ def test_a_lazy_layer_is_named_until_it_is_built():
     net = nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.Linear(3, 2))
     net(torch.randn(1, 5))  # built: a plain Linear now
     assert [n for n, _ in masked_modules(sparsify(net))] == ["0", "2"]
+
+
+class FlagConv(nn.Conv2d):
+    """Standardizes its weight only when asked: the verdict is the instance's."""
+
+    def __init__(self, *args: object, ws: bool = False, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.ws = ws
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.ws:
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_the_probe_judges_each_layer_not_its_class():
+    plain = _quiet_sparsify(nn.Sequential(FlagConv(3, 4, 3)))
+    standardized = _quiet_sparsify(nn.Sequential(FlagConv(3, 4, 3), FlagConv(4, 4, 3, ws=True)))
+    assert isinstance(plain[0], MaskedLayer) and isinstance(standardized[0], MaskedLayer)
+    assert type(standardized[1]) is FlagConv  # dense, named
+    assert [d.name for d in coverage(standardized).dense] == ["1"]
+
+
+class LoRALinear(nn.Linear):
+    """loralib's pattern: a low-rank path beside the weight, which the mask does not cover."""
+
+    def __init__(self, n_in: int, n_out: int, r: int = 2) -> None:
+        super().__init__(n_in, n_out)
+        self.lora_A = nn.Parameter(torch.randn(r, n_in))
+        self.lora_B = nn.Parameter(torch.randn(n_out, r))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + x @ self.lora_A.t() @ self.lora_B.t()
+
+
+def test_a_layer_with_a_path_around_its_weight_stays_dense():
+    net = nn.Sequential(LoRALinear(4, 3), nn.Linear(3, 2))
+    with pytest.warns(DenseLayersWarning, match=r"0 \(LoRALinear: its output does not vanish"):
+        sparsify(net)
+    assert type(net[0]) is LoRALinear
+
+
+def test_what_cannot_be_masked_as_registered_is_named_and_nothing_is_half_converted():
+    class Keyed(nn.Linear):
+        def __init_subclass__(cls, key: str, **kwargs: object) -> None:
+            super().__init_subclass__(**kwargs)
+
+    class Head(Keyed, key="head"):
+        pass
+
+    class Wide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernel = nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.kernel
+
+    saved = list(_REGISTRY)
+    try:
+        register_maskable(Wide, weight="kernel", out_dim=2)  # a 2-D kernel has no dim 2
+        net = nn.Sequential(nn.Linear(4, 4), Head(4, 4), Wide())
+        with pytest.warns(DenseLayersWarning) as rec:
+            sparsify(net)
+    finally:
+        _REGISTRY[:] = saved
+        _ENTRIES.clear()
+    line = str(rec[0].message)
+    assert "1 (its masked class cannot be made (TypeError: " in line
+    assert "2 (Wide's kernel has 2 dims, no dim 2 to hold its outputs" in line
+    assert [n for n, _ in masked_modules(net)] == ["0"] and type(net[1]) is Head
+
+
+def test_attention_with_separate_qkv_weights_is_named_and_its_out_proj_priced():
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=5, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mem = x[..., :6]
+            return self.attn(x, mem, x[..., :5])[0]
+
+    net = nn.Sequential(Cross())
+    with pytest.warns(DenseLayersWarning, match=r"separate weights \(kdim or vdim differ"):
+        sparsify(net)
+    assert [n for n, _ in masked_modules(net)] == ["0.attn.out_proj"]
+    (dense,) = coverage(net).dense
+    assert dense.parameters == 8 * 8 + 8 * 6 + 8 * 5  # q, k and v projections
+    counts = count_flops(net, torch.randn(1, 7, 8))
+    assert counts.layers == {"0.attn.out_proj": 7 * 8 * 8}
+
+
+def test_initializers_of_a_masked_attention_write_the_stored_weight():
+    mha = sparsify(nn.Sequential(nn.MultiheadAttention(8, 2)))[0]
+    assert not hasattr(mha, "reset_parameters")  # as the dense class: it has none
+    with torch.no_grad():
+        mha.raw_weight.zero_()
+    mha._reset_parameters()
+    assert bool(mha.raw_weight.ne(0).all())
+    conv1d = sparsify(nn.Sequential(Conv1D(3, 2)))[0]
+    assert not hasattr(conv1d, "reset_parameters")
+
+
+def test_flops_of_a_registered_type_read_out_of_sight_are_fvcores():
+    class Einsum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernel = nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bi,io->bo", x, self.kernel)
+
+    saved = list(_REGISTRY)
+    try:
+        register_maskable(Einsum, weight="kernel", out_dim=1)
+        net = sparsify(nn.Sequential(Einsum()))
+        counts = count_flops(net, torch.randn(1, 4))
+    finally:
+        _REGISTRY[:] = saved
+        _ENTRIES.clear()
+    assert counts.layers == {"0": 12} == {"0": counts.total}

@@ -13,7 +13,6 @@ from typing import Any
 
 from torch import nn
 
-from scl_lightning.nn.maskable import layer_weight
 from scl_lightning.nn.masked import MaskedLayer
 from scl_lightning.nn.sparsify import DENSE_REASONS, classify_layers, masked_modules
 
@@ -163,11 +162,20 @@ def coverage(model: nn.Module, exclude: Any = ()) -> Coverage:
     # maskable, yet not masked: left out when the network was sparsified
     left += [(name, module, "excluded", "not masked") for name, module in unmasked]
     for name, module, reason, detail in left:
-        try:
-            stored: Any = layer_weight(module)
-        except AttributeError:
-            stored = None
-        dense.append(DenseLayer(name, type(module).__name__, reason, detail, size(stored)))
+        # its weights: every parameter of 2 or more dims it holds itself (one, or the q, k and
+        # v projections of an attention with separate ones)
+        held = [
+            p
+            for p in module._parameters.values()
+            if p is not None
+            and not isinstance(p, nn.parameter.UninitializedParameter)
+            and p.dim() >= 2
+        ]
+        if isinstance(module, MaskedLayer):
+            held = [module.raw_weight]
+        dense.append(
+            DenseLayer(name, type(module).__name__, reason, detail, sum(size(p) for p in held))
+        )
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     dense.sort(key=lambda d: order.get(d.name, 0))
     return Coverage(tuple(masked), tuple(dense), parameters, masked_parameters)

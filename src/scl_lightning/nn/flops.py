@@ -184,7 +184,9 @@ def count_flops(model: nn.Module, example_input: Tensor | tuple[Any, ...]) -> Fl
     if unseen:
         found = _functional_flops(model, inputs, unseen, modes)
         for name in unseen:
-            layers[name] = found.get(name, 0)
+            # no product read its weight where one could see it (an einsum, a copy of the
+            # weight): fvcore's count of the module is all there is
+            layers[name] = found.get(name) or layers[name]
             if not modules.get(name):
                 modules[name] = layers[name]
     return FlopCounts(total=total, layers=layers, modules=modules)
@@ -259,7 +261,7 @@ def _functional_flops(
     # look into (it dispatches through `handle_torch_function`): counted from its inputs
     hooks = []
     for name, module in modules.items():
-        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        if isinstance(module, nn.MultiheadAttention):
             wanted = {n: n in names for n in (name, f"{name}.out_proj" if name else "out_proj")}
             if any(wanted.values()):
                 hooks.append(
@@ -291,7 +293,10 @@ def _attention_flops(
     ``E x E``) and of its output projection (q tokens times ``E x E``)."""
     given = dict(zip(("query", "key", "value"), args, strict=False)) | kwargs
     e = module.embed_dim
-    tokens = [given[k].numel() // e for k in ("query", "key", "value")]
+    tokens = [
+        given[k].numel() // width
+        for k, width in zip(("query", "key", "value"), (e, module.kdim, module.vdim), strict=True)
+    ]
     (in_name, in_wanted), (out_name, out_wanted) = wanted.items()
     if in_wanted:
         flops[in_name] = flops.get(in_name, 0) + sum(tokens) * e * e

@@ -63,7 +63,12 @@ _REGISTRY: list[MaskableType] = [
 
 # a probe input can be built for these bases, so their subclasses' forward can be checked
 _PROBED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_PROBES: weakref.WeakKeyDictionary[type, str | None] = weakref.WeakKeyDictionary()
+_PROBES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, tuple[int, ...]], str | None]] = (
+    weakref.WeakKeyDictionary()
+)
+_ENTRIES: weakref.WeakKeyDictionary[type, tuple[MaskableType, type] | None] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def register_maskable(
@@ -114,6 +119,7 @@ def register_maskable(
     _REGISTRY[:] = [e for e in _REGISTRY if e.cls != cls]
     _REGISTRY.insert(0, entry)
     _PROBES.clear()
+    _ENTRIES.clear()
 
 
 def maskable_types() -> tuple[MaskableType, ...]:
@@ -122,12 +128,24 @@ def maskable_types() -> tuple[MaskableType, ...]:
 
 
 def _entry(cls: type) -> tuple[MaskableType, type] | None:
-    """The registration that covers ``cls`` and the registered class it matched."""
+    """The registration that covers ``cls`` and the registered class it matched (looked up
+    once per class: every count of a network's layers asks it of each module)."""
+    if cls in _ENTRIES:
+        return _ENTRIES[cls]
+    found = None
     for depth, base in enumerate(cls.__mro__):
-        for entry in _REGISTRY:
-            if entry.matches(base) and (depth == 0 or entry.subclasses):
-                return entry, base
-    return None
+        found = next(
+            (
+                (entry, base)
+                for entry in _REGISTRY
+                if entry.matches(base) and (depth == 0 or entry.subclasses)
+            ),
+            None,
+        )
+        if found is not None:
+            break
+    _ENTRIES[cls] = found
+    return found
 
 
 def _overrides(cls: type, base: type) -> bool:
@@ -138,7 +156,7 @@ def _overrides(cls: type, base: type) -> bool:
 
 
 def _probe_input(module: nn.Module, base: type, generator: torch.Generator) -> Tensor:
-    if base is nn.Linear:
+    if issubclass(base, nn.Linear):
         features = cast(nn.Linear, module).in_features
         return torch.randn(3, features, generator=generator, dtype=torch.float64)
     conv = cast(nn.Conv2d, module)
@@ -149,11 +167,29 @@ def _probe_input(module: nn.Module, base: type, generator: torch.Generator) -> T
     return torch.randn(2, conv.in_channels, *spatial, generator=generator, dtype=torch.float64)
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:160]}" if text else type(err).__name__
+
+
 def _linear_in_weight(module: nn.Module, base: type, weight: str) -> str | None:
-    """``None`` if ``module``'s own forward is linear in its ``weight`` (checked on a float64
-    copy, random weights and input, its hooks not run), else why not."""
+    """``None`` if ``module``'s own forward is linear in its ``weight``, with no other path to
+    its output (checked on a float64 copy in eval mode, random weights and input from a
+    generator of its own, the bias zeroed, its hooks not run), else why not.
+
+    Linear: ``f(w1 + w2) = f(w1) + f(w2)``, so a connection whose weight is zero adds nothing;
+    nothing else: ``f(0) = 0``, so no weight outside the mask (a LoRA adapter) carries the
+    input past it. The verdict is the instance's, never cached: a flag of the instance may
+    change what its forward does."""
+    if any(t.is_meta for t in module.parameters(recurse=False)):
+        return "its weights are on the meta device: sparsify after they are materialized"
     try:
-        probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
+        probe = copy.deepcopy(module)
+        probe.to(device="cpu", dtype=torch.float64)
+        probe.eval()
+        bias = probe._parameters.get("bias")
+        if isinstance(bias, Tensor):
+            probe._parameters["bias"] = nn.Parameter(torch.zeros_like(bias), requires_grad=False)
         generator = torch.Generator().manual_seed(0)
         x = _probe_input(probe, base, generator)
         shape = probe._parameters[weight].shape  # type: ignore[union-attr]
@@ -172,15 +208,22 @@ def _linear_in_weight(module: nn.Module, base: type, weight: str) -> str | None:
                 run(w1 + w2),
             )
     except Exception as err:  # other people's layers: anything can happen
-        return f"its forward could not be checked ({type(err).__name__}: {err})"
-    left, right = y12 - y0, (y1 - y0) + (y2 - y0)
-    scale = float(right.abs().max()) if right.numel() else 0.0
-    if not (torch.isfinite(left).all() and torch.isfinite(right).all()) or not torch.allclose(
-        left, right, rtol=1e-6, atol=1e-9 * max(scale, 1.0)
-    ):
+        return (
+            f"its forward could not be checked on a probe input ({_first_line(err)}); register "
+            "its class (register_maskable) if it is linear in its weight"
+        )
+    if not all(bool(torch.isfinite(y).all()) for y in (y0, y1, y2, y12)):
+        return "its forward is not linear in the weight (not finite on a probe input)"
+    scale = max(float(y1.abs().max()), float(y2.abs().max()), 1e-30) if y1.numel() else 1.0
+    if not torch.allclose(y12, y1 + y2 - y0, rtol=1e-6, atol=1e-9 * scale):
         return (
             "its forward is not linear in the weight (it transforms it, e.g. standardizes it), "
             "so a connection masked off would not be zero"
+        )
+    if float(y0.abs().max()) > 1e-9 * scale:
+        return (
+            "its output does not vanish with the weight and bias (another path, e.g. a LoRA "
+            "adapter, carries the input past the mask)"
         )
     return None
 
@@ -201,7 +244,18 @@ def maskable_type(module: nn.Module) -> tuple[MaskableType | None, str | None]:
     entry, base = found
     stored = module._parameters.get(entry.weight)
     if stored is None and not isinstance(getattr(module, entry.weight, None), Tensor):
+        if isinstance(module, nn.MultiheadAttention):
+            return entry, (
+                "its q, k and v projections are separate weights (kdim or vdim differ from "
+                "embed_dim), which are not masked (its out_proj is); exclude it to say so"
+            )
         return entry, f"{type(module).__name__} holds no {entry.weight!r} parameter"
+    held = stored if stored is not None else getattr(module, entry.weight)
+    if not isinstance(held, nn.parameter.UninitializedParameter) and entry.out_dim >= held.dim():
+        return entry, (
+            f"{type(module).__name__}'s {entry.weight} has {held.dim()} dims, no dim "
+            f"{entry.out_dim} to hold its outputs: register it with the right out_dim"
+        )
     if isinstance(stored, nn.parameter.UninitializedParameter):
         return entry, (
             f"{type(module).__name__}'s {entry.weight} is not built yet (a lazy layer): run one "
@@ -214,12 +268,22 @@ def maskable_type(module: nn.Module) -> tuple[MaskableType | None, str | None]:
                 f"{cls.__name__} overrides the forward of {base.__name__}, which cannot be "
                 "checked; register it (register_maskable) if it is linear in its weight"
             )
-        if cls not in _PROBES:
-            _PROBES[cls] = _linear_in_weight(module, base, entry.weight)
-        reason = _PROBES[cls]
+        reason = _probe(module, base, entry.weight)
         if reason is not None:
             return entry, f"{cls.__name__}: {reason}"
     return entry, None
+
+
+def _probe(module: nn.Module, base: type, weight: str) -> str | None:
+    """:func:`_linear_in_weight`, remembered for this module as long as its weight is the
+    same tensor of the same shape (a network's layers are asked about many times)."""
+    stored = module._parameters.get(weight)
+    key = (id(stored), tuple(stored.shape) if stored is not None else ())
+    known = _PROBES.get(module)
+    if known is None or known[0] != key:
+        known = (key, _linear_in_weight(module, base, weight))
+        _PROBES[module] = known
+    return known[1]
 
 
 def layer_weight(module: nn.Module) -> Tensor:

@@ -456,9 +456,28 @@ _STATIC: dict[type[nn.Module], type[MaskedLayer]] = {
 _GENERATED: dict[tuple[type[nn.Module], str, int], type[MaskedLayer]] = {}
 
 
-def _no_weight(self: nn.Module) -> Tensor:
-    # the masked parameter has another name; `weight` stays what it was: absent
-    raise AttributeError("weight")
+def _absent(name: str) -> property:
+    """An attribute the dense class does not have stays absent (``hasattr`` is False)."""
+
+    def get(self: nn.Module) -> Any:
+        raise AttributeError(name)
+
+    return property(get)
+
+
+def _unmasked_method(method: Any) -> Any:
+    """``method`` of the dense class, run on the stored weight (an initializer writes it)."""
+
+    def run(self: MaskedLayer, *args: Any, **kwargs: Any) -> Any:
+        self.__dict__["_unmasked"] = True
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.__dict__.pop("_unmasked", None)
+
+    run.__name__ = method.__name__
+    run.__doc__ = method.__doc__
+    return run
 
 
 def masked_class(
@@ -503,7 +522,11 @@ def masked_class(
     }
     if weight_name != "weight":
         namespace[weight_name] = property(MaskedLayer._masked_read, MaskedLayer._refuse_write)
-        namespace["weight"] = property(_no_weight)
+        namespace["weight"] = _absent("weight")
+    if not hasattr(dense_cls, "reset_parameters"):  # transformers' Conv1D, MultiheadAttention
+        namespace["reset_parameters"] = _absent("reset_parameters")
+    if hasattr(dense_cls, "_reset_parameters"):  # MultiheadAttention's own initializer
+        namespace["_reset_parameters"] = _unmasked_method(dense_cls._reset_parameters)
     cls = cast(
         "type[MaskedLayer]", type(f"Masked{dense_cls.__name__}", (base, dense_cls), namespace)
     )

@@ -156,6 +156,19 @@ def classify_layers(
             # `weight_orig` before every forward, which a mask on it would not see
             dense.append((name, module, "hook", "made by a hook (spectral_norm, weight_norm)"))
         else:
+            try:  # made now, before any layer changes class: sparsify converts all or none
+                masked_class_of(module)
+            except Exception as err:  # a class of one's own may refuse to be subclassed
+                why = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+                dense.append(
+                    (
+                        name,
+                        module,
+                        "unsupported",
+                        f"its masked class cannot be made ({type(err).__name__}: {why})",
+                    )
+                )
+                continue
             to_mask.append((name, module))
     return to_mask, dense, matched
 
