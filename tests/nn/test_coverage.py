@@ -91,6 +91,26 @@ class GPTBlock(nn.Module):
         return self.lm_head(x)
 
 
+class Kernel(nn.Module):
+    """A layer type of one's own: ``y = x @ kernel``, the kernel stored ``(in, out)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.kernel
+
+
+@pytest.fixture
+def registry():
+    """Registrations made in a test are undone after it."""
+    saved = list(_REGISTRY)
+    yield
+    _REGISTRY[:] = saved
+    _ENTRIES.clear()
+
+
 def _quiet_sparsify(model: nn.Module, **kwargs: object) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DenseLayersWarning)
@@ -195,35 +215,22 @@ def test_a_gpt2_pattern_masks_every_projection_and_names_what_stays_dense():
     assert all(layer.mask.grad is not None for _, layer in masked_modules(model))
 
 
-def test_a_layer_type_of_ones_own_is_registered_in_one_call():
-    class Dense(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.kernel = nn.Parameter(torch.randn(4, 3))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x @ self.kernel
-
-    saved = list(_REGISTRY)
-    try:
-        with pytest.raises(ValueError, match="no Linear or convolution layer"):
-            sparsify(nn.Sequential(Dense()))
-        register_maskable(Dense, weight="kernel", out_dim=1)
-        net = sparsify(nn.Sequential(Dense()), granularity="channel")
-        layer = net[0]
-        assert layer.mask.shape == (1, 3) and not hasattr(layer, "weight")
-        with torch.no_grad():
-            layer.mask[0, 0] = -1.0
-        out = net(torch.randn(2, 4))
-        assert torch.equal(out[:, 0], torch.zeros(2))
-        plain = export_pruned(net)
-        assert type(plain[0]) is Dense and "0.kernel" in plain.state_dict()
-        torch.testing.assert_close(plain(torch.ones(1, 4)), net(torch.ones(1, 4)))
-    finally:
-        _REGISTRY[:] = saved
-        _ENTRIES.clear()
+def test_a_layer_type_of_ones_own_is_registered_in_one_call(registry):
+    with pytest.raises(ValueError, match="no Linear or convolution layer"):
+        sparsify(nn.Sequential(Kernel()))
+    register_maskable(Kernel, weight="kernel", out_dim=1)
+    net = sparsify(nn.Sequential(Kernel()), granularity="channel")
+    layer = net[0]
+    assert layer.mask.shape == (1, 3) and not hasattr(layer, "weight")
+    with torch.no_grad():
+        layer.mask[0, 0] = -1.0
+    out = net(torch.randn(2, 4))
+    assert torch.equal(out[:, 0], torch.zeros(2))
+    plain = export_pruned(net)
+    assert type(plain[0]) is Kernel and "0.kernel" in plain.state_dict()
+    torch.testing.assert_close(plain(torch.ones(1, 4)), net(torch.ones(1, 4)))
     with pytest.raises(ValueError, match="out_dim must be an int >= 0"):
-        register_maskable(Dense, out_dim=-1)
+        register_maskable(Kernel, out_dim=-1)
     with pytest.raises(TypeError, match=r"expects an nn\.Module class"):
         register_maskable(object)  # type: ignore[arg-type]
 
@@ -341,7 +348,7 @@ def test_a_layer_with_a_path_around_its_weight_stays_dense():
     assert type(net[0]) is LoRALinear
 
 
-def test_what_cannot_be_masked_as_registered_is_named_and_nothing_is_half_converted():
+def test_what_cannot_be_masked_as_registered_is_named_and_nothing_is_half_converted(registry):
     class Keyed(nn.Linear):
         def __init_subclass__(cls, key: str, **kwargs: object) -> None:
             super().__init_subclass__(**kwargs)
@@ -349,26 +356,13 @@ def test_what_cannot_be_masked_as_registered_is_named_and_nothing_is_half_conver
     class Head(Keyed, key="head"):
         pass
 
-    class Wide(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.kernel = nn.Parameter(torch.randn(4, 3))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x @ self.kernel
-
-    saved = list(_REGISTRY)
-    try:
-        register_maskable(Wide, weight="kernel", out_dim=2)  # a 2-D kernel has no dim 2
-        net = nn.Sequential(nn.Linear(4, 4), Head(4, 4), Wide())
-        with pytest.warns(DenseLayersWarning) as rec:
-            sparsify(net)
-    finally:
-        _REGISTRY[:] = saved
-        _ENTRIES.clear()
+    register_maskable(Kernel, weight="kernel", out_dim=2)  # a 2-D kernel has no dim 2
+    net = nn.Sequential(nn.Linear(4, 4), Head(4, 4), Kernel())
+    with pytest.warns(DenseLayersWarning) as rec:
+        sparsify(net)
     line = str(rec[0].message)
     assert "1 (its masked class cannot be made (TypeError: " in line
-    assert "2 (Wide's kernel has 2 dims, no dim 2 to hold its outputs" in line
+    assert "2 (Kernel's kernel has 2 dims, no dim 2 to hold its outputs" in line
     assert [n for n, _ in masked_modules(net)] == ["0"] and type(net[1]) is Head
 
 
@@ -403,21 +397,12 @@ def test_initializers_of_a_masked_attention_write_the_stored_weight():
     assert not hasattr(conv1d, "reset_parameters")
 
 
-def test_flops_of_a_registered_type_read_out_of_sight_are_fvcores():
-    class Einsum(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.kernel = nn.Parameter(torch.randn(4, 3))
-
+def test_flops_of_a_registered_type_read_out_of_sight_are_fvcores(registry):
+    class Einsum(Kernel):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.einsum("bi,io->bo", x, self.kernel)
 
-    saved = list(_REGISTRY)
-    try:
-        register_maskable(Einsum, weight="kernel", out_dim=1)
-        net = sparsify(nn.Sequential(Einsum()))
-        counts = count_flops(net, torch.randn(1, 4))
-    finally:
-        _REGISTRY[:] = saved
-        _ENTRIES.clear()
+    register_maskable(Einsum, weight="kernel", out_dim=1)
+    net = sparsify(nn.Sequential(Einsum()))
+    counts = count_flops(net, torch.randn(1, 4))
     assert counts.layers == {"0": 12} == {"0": counts.total}
