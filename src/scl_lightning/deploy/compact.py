@@ -57,6 +57,7 @@ tied across the block by the shortcut.
 
 from __future__ import annotations
 
+import collections
 import copy
 from dataclasses import dataclass, field
 
@@ -359,9 +360,12 @@ def _value_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if not (u.op == "call_method" and u.target in ("size", "dim"))]
 
 
-def _find_chain(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[_Chain | None, str]:
+def _find_chain(
+    node: fx.Node, modules: dict[str, nn.Module], shared: dict[str, int] | None = None
+) -> tuple[_Chain | None, str]:
     """Follow ``node`` (a weight layer) to the one weight layer its output reaches, tracking
-    which dim holds its features through the operations between."""
+    which dim holds its features through the operations between; ``shared`` (layers called
+    more than once, with their counts) end a chain."""
     producer = modules[str(node.target)]
     assert isinstance(producer, nn.Linear | nn.Conv2d)
     shape = _shape(node)
@@ -381,6 +385,11 @@ def _find_chain(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[_Chain | 
         if user.op == "output":
             return None, "it is the network's output"
         if user.op == "call_module" and _weight_layer(modules[str(user.target)]):
+            if shared and str(user.target) in shared:
+                return None, (
+                    f"{user.target} is called {shared[str(user.target)]} times (its weights "
+                    "are shared)"
+                )
             if user.args[0] is not current or len(user.args) != 1 or user.kwargs:
                 return None, f"{user.target} takes it with other inputs"
             consumer = modules[str(user.target)]
@@ -701,6 +710,10 @@ def compact(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, Compact
     with torch.no_grad():
         reference = _tensors(dense(example))
     modules = dict(gm.named_modules())
+    # a layer called more than once (its weights shared) computes one thing per call: what
+    # one call's chain removes, another's may need, so it is neither shrunk nor followed into
+    calls = collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+    shared = {target: count for target, count in calls.items() if count > 1}
     while True:
         ShapeProp(gm).propagate(example)
         changed = False
@@ -709,7 +722,12 @@ def compact(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, Compact
                 if node.op == "call_module" and isinstance(modules[str(node.target)], nn.Conv2d):
                     report.kept[str(node.target)] = "a grouped convolution"
                 continue
-            chain, why = _find_chain(node, modules)
+            if str(node.target) in shared:
+                report.kept[str(node.target)] = (
+                    f"it is called {shared[str(node.target)]} times (its weights are shared)"
+                )
+                continue
+            chain, why = _find_chain(node, modules, shared)
             if chain is None:
                 if not why.startswith("it is the network's output"):
                     report.kept[str(node.target)] = why

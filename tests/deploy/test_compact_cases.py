@@ -1,0 +1,105 @@
+"""Ordinary networks `compact` met adversarially (issue 24, item 1): each compacts to the
+pruned network's function, or keeps the layer and names it; never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import scl_lightning as scl
+from scl_lightning.deploy.compact import compact
+
+
+class TutorialLeNet(nn.Module):
+    """PyTorch's tutorial LeNet: ``x.view(-1, 16 * 4 * 4)`` before the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 6, 5)
+        self.c2 = nn.Conv2d(6, 16, 5)
+        self.f1 = nn.Linear(16 * 4 * 4, 120)
+        self.f2 = nn.Linear(120, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = F.max_pool2d(F.relu(self.c2(x)), 2).view(-1, 16 * 4 * 4)
+        return self.f2(F.relu(self.f1(x)))
+
+
+class FlattenBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm1d(4 * 6 * 6)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(torch.flatten(self.conv(x), 1)))
+
+
+class Tokens(nn.Module):
+    """Linear layers over ``(N, T, C)`` sequences, with biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+class Reflect(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3)
+        self.b = nn.Conv2d(4, 5, 3, padding=1, padding_mode=mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+class AppliedTwice(nn.Module):
+    """One layer applied twice in a row (weights shared): it used to crash compaction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(torch.relu(self.a(x)))))
+
+
+CASES = {
+    "tutorial-lenet-view": (TutorialLeNet, (4, 1, 28, 28)),
+    "flatten-batchnorm1d": (FlattenBatchNorm, (4, 3, 8, 8)),
+    "linear-on-tokens": (Tokens, (4, 5, 8)),
+    "reflect-padding": (lambda: Reflect("reflect"), (4, 3, 9, 9)),
+    "replicate-padding": (lambda: Reflect("replicate"), (4, 3, 9, 9)),
+    "circular-padding": (lambda: Reflect("circular"), (4, 3, 9, 9)),
+    "applied-twice": (AppliedTwice, (4, 6)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compact_is_exact_or_names_what_it_keeps(case):
+    build, shape = CASES[case]
+    torch.manual_seed(0)
+    net = scl.sparsify(build(), granularity="channel")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in scl.masked_modules(net):
+            layer.mask[torch.rand(layer.mask.shape, generator=gen) < 0.4] = -1.0
+    pruned = scl.export_pruned(net).eval()
+    x = torch.randn(shape, generator=gen)
+    small, report = compact(pruned, x)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), pruned(x))
+        y = torch.randn(shape, generator=gen)  # another input than the example
+        torch.testing.assert_close(small(y), pruned(y))
+    assert report.params_after <= report.params_before
+    if case == "applied-twice":
+        assert report.kept["a"] == "it is called 2 times (its weights are shared)"
