@@ -103,3 +103,35 @@ def test_compact_is_exact_or_names_what_it_keeps(case):
     assert report.params_after <= report.params_before
     if case == "applied-twice":
         assert report.kept["a"] == "it is called 2 times (its weights are shared)"
+
+
+class ConvBatchNorm(nn.Module):
+    """``Conv2d(bias=False) -> BatchNorm``: a dead channel is BatchNorm's constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.b = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.bn(self.a(x))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_constants_are_folded_in_the_networks_dtype(dtype):
+    torch.manual_seed(0)
+    net = ConvBatchNorm()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.bias.uniform_(-1, 1)  # dead channels are nonzero constants after BatchNorm
+    net = scl.sparsify(net, granularity="channel")
+    with torch.no_grad():
+        net.a.mask[:3] = -1.0
+    pruned = scl.export_pruned(net).eval().to(dtype)
+    x = torch.randn(4, 3, 8, 8).to(dtype)
+    small, report = compact(pruned, x)
+    assert report.folded == {"b": 3} and report.params_after < report.params_before
+    assert all(p.dtype == dtype for p in small.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), pruned(x))
