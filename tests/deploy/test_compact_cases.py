@@ -135,3 +135,18 @@ def test_constants_are_folded_in_the_networks_dtype(dtype):
     assert all(p.dtype == dtype for p in small.parameters())
     with torch.no_grad():
         torch.testing.assert_close(small(x), pruned(x))
+
+
+def test_a_channel_constant_only_after_an_earlier_fold_keeps_its_map():
+    """p's channel 0 is a constant, folded into c as a per-position map (padding); c's
+    output 0 then reads nothing else: it is that map, not c's bias (it was folded as c's
+    bias alone, off by 0.044, then refused)."""
+    from test_compact_safety_net import _bias_map_producer
+
+    net = _bias_map_producer()
+    x = torch.randn(2, 2, 6, 6)
+    small, report = compact(net, x)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x))
+    assert "c" in report.folded  # p's constant channel went into c
+    assert report.kept.get("c", "").startswith("1 outputs computed from nothing are not constant")

@@ -1,9 +1,10 @@
 """``compact`` never returns a network that computes something else: the result is checked
 against the pruned network on the example input, and a mismatch is one line, not a model.
 
-The three networks below are ones the chain analysis gets wrong (a producer's per-position
-bias map folded as a constant; a size read of a shrunk activation; a layer called twice);
-issue 24 makes them compact correctly. Until then each must either compact exactly or refuse."""
+The three networks below are ones the chain analysis got wrong (a producer's per-position
+bias map folded as a constant; a size read of a shrunk activation; a layer called twice). The
+first and the last now compact exactly (tests/deploy/test_compact_cases.py); each must either
+compact exactly or refuse."""
 
 import pytest
 import torch

@@ -444,6 +444,11 @@ def _channel_constants(chain: _Chain, graph_module: fx.GraphModule, dead: Tensor
     channels = dead.numel()
     bias = producer.bias if producer.bias is not None else producer.weight.new_zeros(channels)
     x = _along(bias.detach(), chain.dim, chain.shape).clone()
+    bias_map = getattr(producer, "bias_map", None)
+    if isinstance(bias_map, Tensor):
+        # an earlier fold gave the producer a constant per position: a feature it computes
+        # from nothing is that map, constant only if the operations between make it one
+        x = x + bias_map.detach().to(x.dtype)
     for node in chain.between:
         x = _replay(node, x, graph_module)
     ids, flat = chain.features.flatten(), x.flatten()
