@@ -150,3 +150,34 @@ def test_a_channel_constant_only_after_an_earlier_fold_keeps_its_map():
         torch.testing.assert_close(small(x), net(x))
     assert "c" in report.folded  # p's constant channel went into c
     assert report.kept.get("c", "").startswith("1 outputs computed from nothing are not constant")
+
+
+def test_a_size_read_along_the_features_keeps_them_and_a_batch_size_read_does_not():
+    from test_compact_safety_net import _size_reader
+
+    net = _size_reader()  # fc2(relu(h)) / h.size(-1): three units of fc1 nobody reads
+    x = torch.randn(3, 4)
+    small, report = compact(net, x)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x))
+    assert report.kept["fc1"].startswith("its size along its features is read")
+
+    class BatchView(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.fc = nn.Linear(4 * 4 * 4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.conv(x))
+            return self.fc(h.view(h.size(0), -1))
+
+    torch.manual_seed(0)
+    net = BatchView().eval()
+    with torch.no_grad():
+        net.fc.weight[:, :16] = 0  # channel 0 of conv is never read
+    x = torch.randn(2, 1, 6, 6)
+    small, report = compact(net, x)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x))
+    assert small.conv.out_channels == 3

@@ -355,6 +355,20 @@ def _acts_per_channel(norm: nn.Module, node: fx.Node, device: torch.device) -> b
     return isinstance(want, Tensor) and isinstance(got, Tensor) and not _difference([want], [got])
 
 
+def _size_read(node: fx.Node, features: Tensor) -> str | None:
+    """Why ``node``'s output may not shrink: a size read along its features (``h.size(-1)``,
+    or ``h.size()`` whole), whose value would change; ``None`` when there is none (a read of
+    the batch size, ``x.size(0)``, is fine)."""
+    varying = _varying_dims(features)
+    for user in node.users:
+        if user.op != "call_method" or user.target != "size":
+            continue
+        dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+        if not isinstance(dim, int) or dim % features.dim() in varying:
+            return f"its size along its features is read ({user.name})"
+    return None
+
+
 def _value_users(node: fx.Node) -> list[fx.Node]:
     """The users that consume the tensor, not its shape (``x.size(0)`` for a view)."""
     return [u for u in node.users if not (u.op == "call_method" and u.target in ("size", "dim"))]
@@ -377,6 +391,9 @@ def _find_chain(
     between: list[fx.Node] = []
     current = node
     while True:
+        read = _size_read(current, features)
+        if read is not None:
+            return None, read
         users = _value_users(current)
         if len(users) != 1:
             what = "the network's output" if not users else f"{len(users)} operations"
