@@ -18,6 +18,7 @@ from scl_lightning.deploy.export import (
 )
 from scl_lightning.deploy.formats import (
     FORMATS,
+    ExportedModule,
     ExportReport,
     export_model,
     load_export,
@@ -30,6 +31,7 @@ __all__ = [
     "PRUNED_METADATA_KEYS",
     "CompactReport",
     "ExportReport",
+    "ExportedModule",
     "compact",
     "export_model",
     "load_export",

@@ -85,6 +85,7 @@ __all__ = [
     "FORMATS",
     "SUFFIXES",
     "ExportReport",
+    "ExportedModule",
     "SelectedOutput",
     "SparseLinear",
     "csr_linear",
@@ -127,7 +128,12 @@ class ExportReport:
 
     def summary(self) -> str:
         def ratio(before: int, after: int) -> str:
-            return f"{before / after:.1f}x smaller" if after else "-"
+            # compaction can add parameters (a bias map for a removed unit's constant output)
+            if before <= 0 or after <= 0:
+                return "-"
+            if after > before:
+                return f"{after / before:.1f}x larger"
+            return f"{before / after:.1f}x smaller" if after < before else "unchanged"
 
         if self.flops_before is None or self.flops_after is None:
             flops = "  FLOPs: unknown (fvcore cannot trace the network; see the warning)"
@@ -309,7 +315,8 @@ def _sparsify_linears(
         width = module.in_features
         if isinstance(module, LinearOnSelectedInputs):
             width = int(module.inputs.max()) + 1
-        x = torch.randn(batch_size, width)
+        # the layer's own dtype: a float64 network times (and runs) in float64
+        x = torch.randn(batch_size, width, dtype=module.weight.dtype)
         sparse = SparseLinear(module)
         dense_s = _best_time(functools.partial(module, x), repeats)
         sparse_s = _best_time(functools.partial(sparse, x), repeats)
@@ -646,6 +653,10 @@ def _save_program(model: nn.Module, example: Tensor, path: Path, format: str) ->
     """``torch.export`` the network with a dynamic batch and save it (``.pt2``); a network
     ``torch.export`` cannot take is one line."""
     batch = torch.export.Dim("batch", min=1)
+    if len(example) == 1:
+        # torch.export specializes a dimension of size 1 (and then refuses to make it dynamic):
+        # trace on two copies of the sample; the program still accepts a batch of one
+        example = torch.cat([example, example])
     # before failing on data-dependent code, torch logs and prints the partial graph: the one
     # line below says what was wrong; what it writes on success is passed on
     shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
@@ -855,6 +866,36 @@ def _export(
     )
 
 
+class ExportedModule(nn.Module):
+    """A loaded ``.pt2`` program as a module in eval mode: ``program.module()``, the graph
+    ``torch.export`` traced with the network in eval mode (dropout off, batch norm on its
+    running statistics baked in), which can run no other way.
+
+    ``training`` is ``False``; ``eval()`` and ``train(False)`` are accepted and change nothing;
+    ``train()`` raises (the graph cannot train: train the masked network, then export again).
+    The :class:`~torch.export.ExportedProgram` itself is ``program``."""
+
+    def __init__(self, program: torch.export.ExportedProgram) -> None:
+        super().__init__()
+        self.program = program
+        self.graph = program.module()
+        self.train(False)
+
+    def train(self, mode: bool = True) -> ExportedModule:
+        if mode:
+            raise NotImplementedError(
+                "load_export: an exported .pt2 program runs in eval mode only; to train, load "
+                "the run's checkpoint (scl_lightning.load_sparse) and export again"
+            )
+        # the graph module's own train()/eval() raise: set the flags, nothing else changes
+        for module in self.modules():
+            object.__setattr__(module, "training", False)
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph(*args, **kwargs)
+
+
 class OnnxModule(nn.Module):
     """An onnxruntime session as a callable module (CPU): a tensor in; out, the one output
     tensor, or a dict of the named outputs (a network with a structured output)."""
@@ -877,17 +918,18 @@ class OnnxModule(nn.Module):
 def load_export(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
     """Load what :func:`export` wrote, as a module in eval mode.
 
-    ``.pt2`` (compact, sparse) loads with ``torch.export.load`` (no pickle, no code runs) and
-    returns the network's output structure (dicts as dicts); ``.onnx`` as an onnxruntime
-    session, which returns the one output tensor, or a dict of the named outputs of a network
-    with a structured output; ``.safetensors`` (dense) into ``model``, the never-masked
-    architecture, which is required for that format.
+    ``.pt2`` (compact, sparse) loads with ``torch.export.load`` (no pickle, no code runs) as an
+    :class:`ExportedModule` (``training`` is ``False``, ``eval()`` works, ``train()`` raises),
+    which returns the network's output structure (dicts as dicts) for any batch size;
+    ``.onnx`` as an onnxruntime session, which returns the one output tensor, or a dict of the
+    named outputs of a network with a structured output; ``.safetensors`` (dense) into
+    ``model``, the never-masked architecture, which is required for that format.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_export: {path} does not exist")
     if path.suffix == ".pt2":
-        return torch.export.load(str(path)).module()
+        return ExportedModule(torch.export.load(str(path)))
     if path.suffix == ".onnx":
         return OnnxModule(path)
     if path.suffix == ".safetensors":
